@@ -1,0 +1,1 @@
+//! api-notify library.
