@@ -36,6 +36,8 @@ pub enum Reply {
     Status(u16),
     /// A status with a `Retry-After` header.
     RetryAfter(u16, String),
+    /// A status after a delay (a slow receiver).
+    Delayed(u16, Duration),
     /// Accept the request and never answer.
     Hang,
 }
@@ -170,6 +172,10 @@ async fn record(
     match (shared.script)(&received) {
         Reply::Status(code) => status(code).into_response(),
         Reply::RetryAfter(code, after) => (status(code), [("retry-after", after)]).into_response(),
+        Reply::Delayed(code, delay) => {
+            tokio::time::sleep(delay).await;
+            status(code).into_response()
+        }
         Reply::Hang => std::future::pending().await,
     }
 }

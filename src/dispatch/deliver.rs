@@ -218,10 +218,12 @@ fn transport_class(e: &reqwest::Error) -> &'static str {
     }
 }
 
-/// The error and its causes on one line (reqwest's own message is terse).
+/// The causes of a transport error on one line, without reqwest's "error sending request for
+/// url" preamble (the endpoint is already named).
 fn describe(e: &reqwest::Error) -> String {
     let mut text = String::new();
-    let mut source: Option<&dyn std::error::Error> = Some(e);
+    let top: &dyn std::error::Error = e;
+    let mut source = top.source().or(Some(top));
     while let Some(err) = source {
         let part = err.to_string();
         if !text.contains(&part) {

@@ -4,7 +4,7 @@ use serde::Serialize;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Dialect, Store, placeholders, state};
+use super::{Dialect, Store, opt_text, placeholders, state};
 use crate::model::NewNotification;
 
 /// What became of one notification offered to [`Store::insert_batch`].
@@ -202,7 +202,7 @@ fn status_from_row(row: &AnyRow) -> Result<NotificationStatus, sqlx::Error> {
         next_attempt_at_ms: (state == state::PENDING).then_some(next),
         state,
         attempts: row.try_get("attempts")?,
-        last_error: row.try_get("last_error")?,
+        last_error: opt_text(row, "last_error")?,
         created_at_ms: row.try_get("created_at")?,
         delivered_at_ms: row.try_get("delivered_at")?,
         conflicts: 0,
@@ -213,13 +213,13 @@ fn status_from_row(row: &AnyRow) -> Result<NotificationStatus, sqlx::Error> {
 fn attempt_from_row(row: &AnyRow) -> Result<AttemptOut, sqlx::Error> {
     Ok(AttemptOut {
         number: row.try_get("number")?,
-        endpoint: row.try_get("endpoint")?,
+        endpoint: opt_text(row, "endpoint")?,
         plugin_version: row.try_get("plugin_version")?,
         status_code: row.try_get("status_code")?,
         error_class: row.try_get("error_class")?,
-        error: row.try_get("error")?,
+        error: opt_text(row, "error")?,
         duration_ms: row.try_get("duration_ms")?,
-        response_excerpt: row.try_get("response_excerpt")?,
+        response_excerpt: opt_text(row, "response_excerpt")?,
         started_at_ms: row.try_get("started_at")?,
     })
 }

@@ -8,7 +8,7 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Dialect, Store, placeholders, state};
+use super::{Dialect, Store, placeholders, state, text};
 use crate::model::Endpoint;
 
 /// A notification claimed for one delivery attempt.
@@ -71,11 +71,10 @@ impl Store {
         lease_ms: i64,
     ) -> anyhow::Result<Vec<Claimed>> {
         let token = uuid::Uuid::now_v7().simple().to_string();
-        let rows = match self.dialect {
-            Dialect::Sqlite => self.claim_sqlite(now_ms, limit, lease_ms, &token).await?,
-            Dialect::Mysql => self.claim_mysql(now_ms, limit, lease_ms, &token).await?,
-        };
-        rows.iter().map(|r| claimed_from_row(r, &token)).collect()
+        match self.dialect {
+            Dialect::Sqlite => self.claim_sqlite(now_ms, limit, lease_ms, &token).await,
+            Dialect::Mysql => self.claim_mysql(now_ms, limit, lease_ms, &token).await,
+        }
     }
 
     async fn claim_sqlite(
@@ -84,7 +83,7 @@ impl Store {
         limit: usize,
         lease_ms: i64,
         token: &str,
-    ) -> anyhow::Result<Vec<AnyRow>> {
+    ) -> anyhow::Result<Vec<Claimed>> {
         let sql = format!(
             "UPDATE notification SET state = ?, lease_until = ?, claim_token = ?, updated_at = ? \
              WHERE id IN (SELECT id FROM notification WHERE state = ? AND next_attempt_at <= ? \
@@ -100,7 +99,7 @@ impl Store {
             .bind(limit as i64)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows)
+        rows.iter().map(|r| claimed_from_row(r, token)).collect()
     }
 
     async fn claim_mysql(
@@ -109,7 +108,7 @@ impl Store {
         limit: usize,
         lease_ms: i64,
         token: &str,
-    ) -> anyhow::Result<Vec<AnyRow>> {
+    ) -> anyhow::Result<Vec<Claimed>> {
         let mut tx = self.pool.begin().await?;
         let sql = format!(
             "SELECT {CLAIM_COLUMNS} FROM notification WHERE state = ? AND next_attempt_at <= ? \
@@ -121,26 +120,29 @@ impl Store {
             .bind(limit as i64)
             .fetch_all(&mut *tx)
             .await?;
-        if rows.is_empty() {
+        // Decode before committing: a row that cannot be read must not be left in flight.
+        let claimed: Vec<Claimed> =
+            rows.iter().map(|r| claimed_from_row(r, token)).collect::<anyhow::Result<_>>()?;
+        if claimed.is_empty() {
             tx.rollback().await?;
-            return Ok(rows);
+            return Ok(claimed);
         }
         let sql = format!(
             "UPDATE notification SET state = ?, lease_until = ?, claim_token = ?, updated_at = ? \
              WHERE id IN ({})",
-            placeholders(rows.len())
+            placeholders(claimed.len())
         );
         let mut update = sqlx::query(&sql)
             .bind(state::IN_FLIGHT)
             .bind(now_ms + lease_ms)
             .bind(token)
             .bind(now_ms);
-        for row in &rows {
-            update = update.bind(row.try_get::<String, _>("id")?);
+        for c in &claimed {
+            update = update.bind(c.id.as_str());
         }
         update.execute(&mut *tx).await?;
         tx.commit().await?;
-        Ok(rows)
+        Ok(claimed)
     }
 
     /// Writes attempt outcomes and their log rows in one transaction. Returns how many
@@ -242,8 +244,8 @@ impl Store {
 }
 
 fn claimed_from_row(row: &AnyRow, token: &str) -> anyhow::Result<Claimed> {
-    let endpoints: String = row.try_get("endpoints")?;
-    let headers: String = row.try_get("headers")?;
+    let endpoints = text(row, "endpoints")?;
+    let headers = text(row, "headers")?;
     Ok(Claimed {
         id: row.try_get("id")?,
         request_id: row.try_get("request_id")?,

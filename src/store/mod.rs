@@ -162,3 +162,22 @@ fn placeholders(n: usize) -> String {
     }
     s
 }
+
+/// A text column. MySQL reports `TEXT` as a blob type through the `Any` driver, so bytes are
+/// accepted too (they are UTF-8: the gateway wrote them).
+fn text(row: &sqlx::any::AnyRow, column: &str) -> Result<String, sqlx::Error> {
+    Ok(opt_text(row, column)?.unwrap_or_default())
+}
+
+fn opt_text(row: &sqlx::any::AnyRow, column: &str) -> Result<Option<String>, sqlx::Error> {
+    use sqlx::Row;
+    match row.try_get::<Option<String>, _>(column) {
+        Ok(v) => Ok(v),
+        Err(_) => {
+            let bytes: Option<Vec<u8>> = row.try_get(column)?;
+            bytes
+                .map(|b| String::from_utf8(b).map_err(|e| sqlx::Error::Decode(Box::new(e))))
+                .transpose()
+        }
+    }
+}
