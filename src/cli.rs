@@ -54,13 +54,13 @@ pub enum Command {
     /// Post notifications to a running gateway: FILE holds one JSON object, or JSON lines;
     /// `-` reads standard input.
     Send {
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        #[arg(long, env = "API_NOTIFY_URL", default_value = "http://127.0.0.1:8080")]
         url: String,
         file: PathBuf,
     },
     /// Show the state and attempts of one notification.
     Status {
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        #[arg(long, env = "API_NOTIFY_URL", default_value = "http://127.0.0.1:8080")]
         url: String,
         request_id: String,
     },

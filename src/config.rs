@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 pub const ENV_PREFIX: &str = "API_NOTIFY__";
 
 /// The whole configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub api: ApiConfig,
@@ -181,19 +181,6 @@ impl Default for DispatchConfig {
             poll_interval_ms: 200,
             reap_interval_ms: 5_000,
             drain_timeout_ms: 10_000,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            api: ApiConfig::default(),
-            database: DatabaseConfig::default(),
-            kafka: None,
-            outbound: OutboundConfig::default(),
-            retry: RetryConfig::default(),
-            dispatch: DispatchConfig::default(),
         }
     }
 }

@@ -121,8 +121,10 @@ impl Store {
             .fetch_all(&mut *tx)
             .await?;
         // Decode before committing: a row that cannot be read must not be left in flight.
-        let claimed: Vec<Claimed> =
-            rows.iter().map(|r| claimed_from_row(r, token)).collect::<anyhow::Result<_>>()?;
+        let claimed: Vec<Claimed> = rows
+            .iter()
+            .map(|r| claimed_from_row(r, token))
+            .collect::<anyhow::Result<_>>()?;
         if claimed.is_empty() {
             tx.rollback().await?;
             return Ok(claimed);

@@ -40,10 +40,19 @@ pub fn unique(label: &str) -> String {
 /// Creates a fresh MariaDB database and returns its URL.
 pub async fn fresh_mysql_database(label: &str) -> String {
     let base = required_env("API_NOTIFY_TEST_MYSQL");
-    let name = format!("{}{}", std::env::var("API_NOTIFY_TEST_DB_PREFIX").unwrap_or_default(), unique(label));
+    let name = format!(
+        "{}{}",
+        std::env::var("API_NOTIFY_TEST_DB_PREFIX").unwrap_or_default(),
+        unique(label)
+    );
     sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(&format!("{base}/mysql")).await.expect("connect to MariaDB");
-    sqlx::query(&format!("CREATE DATABASE `{name}`")).execute(&pool).await.expect("create database");
+    let pool = sqlx::AnyPool::connect(&format!("{base}/mysql"))
+        .await
+        .expect("connect to MariaDB");
+    sqlx::query(&format!("CREATE DATABASE `{name}`"))
+        .execute(&pool)
+        .await
+        .expect("create database");
     pool.close().await;
     format!("{base}/{name}")
 }
@@ -57,7 +66,10 @@ pub async fn fresh_topic(label: &str) -> (String, String) {
         .create()
         .expect("Kafka admin client");
     let new = NewTopic::new(&topic, 3, TopicReplication::Fixed(1));
-    let results = admin.create_topics([&new], &AdminOptions::new()).await.expect("create topic");
+    let results = admin
+        .create_topics([&new], &AdminOptions::new())
+        .await
+        .expect("create topic");
     for r in results {
         r.unwrap_or_else(|(t, e)| panic!("topic {t} could not be created: {e}"));
     }
@@ -112,13 +124,19 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(config: Config, roles: Roles) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind gateway port");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind gateway port");
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server::run(config, roles, Some(listener), shutdown.clone()));
         let client = Client::new(addr);
         client.wait_ready().await;
-        Self { client, shutdown, task }
+        Self {
+            client,
+            shutdown,
+            task,
+        }
     }
 
     /// Graceful stop; the gateway must exit cleanly.
@@ -127,7 +145,9 @@ impl Gateway {
         let result = tokio::time::timeout(Duration::from_secs(20), self.task)
             .await
             .expect("gateway should stop within 20 s");
-        result.expect("gateway task panicked").expect("gateway should stop without error");
+        result
+            .expect("gateway task panicked")
+            .expect("gateway should stop without error");
     }
 }
 
@@ -140,28 +160,39 @@ pub struct Client {
 
 impl Client {
     pub fn new(addr: SocketAddr) -> Self {
-        Self { base: format!("http://{addr}"), http: reqwest::Client::new() }
+        Self {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+        }
     }
 
     /// Polls `/healthz` for up to 10 s.
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Ok(r) = self.http.get(format!("{}/healthz", self.base)).send().await {
-                if r.status().is_success() {
-                    return;
-                }
+            let answer = self.http.get(format!("{}/healthz", self.base)).send().await;
+            if answer.is_ok_and(|r| r.status().is_success()) {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("gateway at {} did not become healthy within 10 s", self.base);
+        panic!(
+            "gateway at {} did not become healthy within 10 s",
+            self.base
+        );
     }
 
     pub async fn post(&self, notification: &Value) -> (StatusCode, Value) {
-        self.post_raw(notification.to_string(), "application/json").await.expect("gateway reachable")
+        self.post_raw(notification.to_string(), "application/json")
+            .await
+            .expect("gateway reachable")
     }
 
-    pub async fn post_raw(&self, body: String, content_type: &str) -> reqwest::Result<(StatusCode, Value)> {
+    pub async fn post_raw(
+        &self,
+        body: String,
+        content_type: &str,
+    ) -> reqwest::Result<(StatusCode, Value)> {
         let r = self
             .http
             .post(format!("{}/v1/notifications", self.base))
@@ -192,14 +223,22 @@ impl Client {
             if code == StatusCode::OK && body["state"] == state {
                 return body;
             }
-            assert!(Instant::now() < deadline, "{request_id} should reach {state} within {limit:?}; last seen {body}");
+            assert!(
+                Instant::now() < deadline,
+                "{request_id} should reach {state} within {limit:?}; last seen {body}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
 
 /// A notification to `endpoints` with a JSON body.
-pub fn notification(request_id: &str, partner_id: &str, endpoints: &[SocketAddr], body: Value) -> Value {
+pub fn notification(
+    request_id: &str,
+    partner_id: &str,
+    endpoints: &[SocketAddr],
+    body: Value,
+) -> Value {
     let endpoints: Vec<Value> = endpoints
         .iter()
         .map(|a| json!({"ip": a.ip().to_string(), "port": a.port(), "path": format!("/hooks/{partner_id}")}))
