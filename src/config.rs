@@ -13,6 +13,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+mod validate;
+
 /// Prefix of every environment variable the gateway reads.
 pub const ENV_PREFIX: &str = "API_NOTIFY__";
 
@@ -27,6 +29,7 @@ pub struct Config {
     pub outbound: OutboundConfig,
     pub retry: RetryConfig,
     pub dispatch: DispatchConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// The ingest HTTP API.
@@ -108,6 +111,15 @@ pub struct DispatchConfig {
     pub drain_timeout_ms: u64,
 }
 
+/// Prometheus metrics served at `GET /metrics`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// How often the backlog gauges are recounted from the database and librdkafka reports
+    /// consumer lag.
+    pub refresh_interval_ms: u64,
+}
+
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
@@ -185,6 +197,14 @@ impl Default for DispatchConfig {
     }
 }
 
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            refresh_interval_ms: 15_000,
+        }
+    }
+}
+
 impl Config {
     /// Defaults, then `file` if given, then the environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
@@ -203,31 +223,13 @@ impl Config {
         Ok(config)
     }
 
-    /// Rules serde cannot express.
+    /// Rules serde cannot express; every problem is reported, each naming its key and rule.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let d = &self.dispatch;
-        let o = &self.outbound;
-        anyhow::ensure!(
-            d.max_in_flight > 0,
-            "dispatch.max_in_flight must be at least 1"
-        );
-        anyhow::ensure!(d.claim_batch > 0, "dispatch.claim_batch must be at least 1");
-        anyhow::ensure!(
-            d.lease_secs * 1000 > o.request_timeout_ms + o.connect_timeout_ms,
-            "dispatch.lease_secs ({} s) must exceed outbound.request_timeout_ms + \
-             outbound.connect_timeout_ms so that two workers never post the same row at once",
-            d.lease_secs
-        );
-        anyhow::ensure!(
-            self.retry.jitter_percent <= 100,
-            "retry.jitter_percent must be between 0 and 100"
-        );
-        let url = self.database.url.expose();
-        anyhow::ensure!(
-            url.starts_with("sqlite:") || url.starts_with("mysql:") || url.starts_with("mariadb:"),
-            "database.url must start with sqlite:// or mysql://"
-        );
-        Ok(())
+        let problems = validate::problems(self);
+        if problems.is_empty() {
+            return Ok(());
+        }
+        anyhow::bail!("invalid configuration:\n  {}", problems.join("\n  "))
     }
 
     /// A copy safe to print: the database password replaced by `***`.
