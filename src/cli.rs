@@ -26,6 +26,9 @@ pub struct Cli {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Also write logs to daily files `api-notify.log.YYYY-MM-DD` in this directory.
+    #[arg(long, global = true, env = "API_NOTIFY_LOG_DIR")]
+    pub log_dir: Option<PathBuf>,
 }
 
 /// Commands.

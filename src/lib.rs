@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod dispatch;
 pub mod guard;
+pub mod metrics;
 pub mod model;
 pub mod queue;
 pub mod receiver;

@@ -19,8 +19,11 @@ use crate::api::{AppState, router};
 use crate::config::Config;
 use crate::dispatch::{Delivery, Dispatcher};
 use crate::guard::AddressGuard;
+use crate::metrics::{self, Metrics};
 use crate::model::Limits;
-use crate::queue::{EmbeddedQueue, KafkaQueue, Queue, run_embedded_intake, run_kafka_intake};
+use crate::queue::{
+    EmbeddedQueue, KafkaIntake, KafkaQueue, Queue, run_embedded_intake, run_kafka_intake,
+};
 use crate::store::Store;
 
 /// Which parts of the gateway this process runs.
@@ -85,20 +88,29 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     let queue_timeout = Duration::from_millis(config.api.queue_timeout_ms);
+    let metrics = Arc::new(Metrics::new());
+    let refresh = Duration::from_millis(config.metrics.refresh_interval_ms);
 
     let queue = match &config.kafka {
         Some(kafka) => {
             if roles.intake {
-                let run =
-                    run_kafka_intake(kafka.clone(), store.clone(), wake.clone(), shutdown.clone());
+                let intake = KafkaIntake {
+                    config: kafka.clone(),
+                    store: store.clone(),
+                    wake: wake.clone(),
+                    metrics: metrics.clone(),
+                    statistics_interval: refresh,
+                };
+                let run = run_kafka_intake(intake, shutdown.clone());
                 tasks.spawn(async move { ("intake", run.await) });
             }
-            Queue::Kafka(KafkaQueue::new(kafka, queue_timeout)?)
+            Queue::Kafka(KafkaQueue::new(kafka, queue_timeout, metrics.clone())?)
         }
         None => {
             let (queue, intake) = EmbeddedQueue::new(4096);
             if roles.api {
-                let run = run_embedded_intake(intake, store.clone(), wake.clone(), 500);
+                let run =
+                    run_embedded_intake(intake, store.clone(), wake.clone(), 500, metrics.clone());
                 tasks.spawn(async move {
                     run.await;
                     ("intake", Ok(()))
@@ -115,6 +127,7 @@ pub async fn run(
             config: config.dispatch.clone(),
             retry: config.retry.clone(),
             wake: wake.clone(),
+            metrics: metrics.clone(),
         };
         let run = dispatcher.run(shutdown.clone());
         tasks.spawn(async move { ("dispatch", run.await) });
@@ -133,6 +146,13 @@ pub async fn run(
             limits: Limits::default(),
             guard: AddressGuard::new(config.outbound.allow_cidrs.clone()),
             max_request_bytes: config.api.max_request_bytes,
+            metrics: metrics.clone(),
+        });
+        let refresher =
+            metrics::run_backlog_refresh(metrics.clone(), store.clone(), refresh, shutdown.clone());
+        tasks.spawn(async move {
+            refresher.await;
+            ("metrics", Ok(()))
         });
         info!(address = %listener.local_addr()?, mode = mode(&config), "API listening");
         let app = router(state);

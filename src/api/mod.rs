@@ -1,4 +1,4 @@
-//! The HTTP API: ingest, status and health.
+//! The HTTP API: ingest, status, health, metrics and the OpenAPI document.
 //!
 //! Handlers validate, then hand the notification to the [`Queue`]; they answer `202` only after
 //! the queue acknowledged it. Routes are built by [`router`] so tests can drive them without a
@@ -6,6 +6,7 @@
 
 mod error;
 mod handlers;
+mod openapi;
 
 pub use handlers::AcceptedOut;
 
@@ -17,8 +18,10 @@ use axum::routing::{get, post};
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
+pub use openapi::{ApiDoc, openapi_json};
 
 use crate::guard::AddressGuard;
+use crate::metrics::Metrics;
 use crate::model::Limits;
 use crate::queue::Queue;
 use crate::store::Store;
@@ -30,6 +33,7 @@ pub struct AppState {
     pub limits: Limits,
     pub guard: AddressGuard,
     pub max_request_bytes: usize,
+    pub metrics: Arc<Metrics>,
 }
 
 /// All routes.
@@ -40,6 +44,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/notifications/{request_id}", get(handlers::status))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
+        .route("/metrics", get(handlers::metrics))
+        .route("/openapi.json", get(handlers::openapi))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request| {

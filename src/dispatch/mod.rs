@@ -20,8 +20,9 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 pub use deliver::{AttemptResult, Delivery, REQUEST_ID, Verdict, WEBHOOK_ID};
 
 use crate::config::{DispatchConfig, RetryConfig};
+use crate::metrics::Metrics;
 use crate::model::now_ms;
-use crate::store::{Claimed, Finish, Outcome, Store};
+use crate::store::{AttemptRecord, Claimed, Finish, Outcome, Store};
 
 /// Most outcomes written in one transaction.
 const FINISH_BATCH_MAX: usize = 500;
@@ -34,6 +35,7 @@ pub struct Dispatcher {
     pub retry: RetryConfig,
     /// Nudged by an in-process intake when new rows arrive, to skip the idle poll.
     pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Claims held by this process: released on shutdown if their attempt did not finish.
@@ -46,11 +48,13 @@ impl Dispatcher {
         let (finish_tx, finish_rx) = mpsc::channel::<Finish>(4 * FINISH_BATCH_MAX);
         let finisher = tokio::spawn(run_finisher(
             self.store.clone(),
+            self.metrics.clone(),
             finish_rx,
             shutdown.clone(),
         ));
         let reaper = tokio::spawn(run_reaper(
             self.store.clone(),
+            self.metrics.clone(),
             self.config.clone(),
             shutdown.clone(),
         ));
@@ -74,6 +78,7 @@ impl Dispatcher {
             let claimed = match this.store.claim(now_ms(), want, lease_ms).await {
                 Ok(claimed) => claimed,
                 Err(e) => {
+                    this.metrics.database_error("claim");
                     error!(error = %e, "claiming due notifications failed; retrying in 1 s");
                     drop(first);
                     sleep_or_cancel(Duration::from_secs(1), &shutdown).await;
@@ -144,6 +149,7 @@ impl Dispatcher {
             ),
             Outcome::Dead => warn!(error = ?result.record.error, "notification is dead"),
         });
+        self.record(&claimed, &outcome, &result.record, now);
         Finish {
             id: claimed.id,
             claim_token: claimed.claim_token,
@@ -151,6 +157,23 @@ impl Dispatcher {
             outcome,
             attempt: result.record,
             finished_at_ms: now,
+        }
+    }
+
+    /// Counts the attempt in the metrics.
+    fn record(&self, claimed: &Claimed, outcome: &Outcome, attempt: &AttemptRecord, now: i64) {
+        let label = match outcome {
+            Outcome::Delivered => "delivered",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Dead => "dead",
+        };
+        let metrics = &self.metrics;
+        metrics.attempt_finished(label, millis_to_secs(attempt.duration_ms));
+        match (outcome, attempt.error_class.as_deref()) {
+            (Outcome::Delivered, _) => {
+                metrics.delivered(millis_to_secs(now - claimed.created_at_ms))
+            }
+            (_, class) => metrics.partner_failure(&claimed.partner_id, class.unwrap_or("unknown")),
         }
     }
 
@@ -188,14 +211,22 @@ impl Dispatcher {
             held.lock().expect("held claims lock").drain().collect();
         match self.store.release(&claims, now_ms()).await {
             Ok(n) => info!(released = n, "released unfinished claims"),
-            Err(e) => warn!(error = %e, "could not release claims; their leases will expire"),
+            Err(e) => {
+                self.metrics.database_error("release");
+                warn!(error = %e, "could not release claims; their leases will expire");
+            }
         }
     }
 }
 
 /// Writes outcomes in batches; retries while the database is away (the attempts are held in
 /// memory meanwhile, and the dispatcher stops claiming when the channel fills).
-async fn run_finisher(store: Store, mut rx: mpsc::Receiver<Finish>, shutdown: CancellationToken) {
+async fn run_finisher(
+    store: Store,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<Finish>,
+    shutdown: CancellationToken,
+) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < FINISH_BATCH_MAX {
@@ -207,6 +238,7 @@ async fn run_finisher(store: Store, mut rx: mpsc::Receiver<Finish>, shutdown: Ca
         let mut failures = 0u32;
         while let Err(e) = store.finish(&batch).await {
             failures += 1;
+            metrics.database_error("finish");
             if shutdown.is_cancelled() && failures >= 5 {
                 error!(error = %e, lost = batch.len(), "giving up writing outcomes at shutdown; \
                        those notifications will be attempted again after their leases expire");
@@ -219,16 +251,28 @@ async fn run_finisher(store: Store, mut rx: mpsc::Receiver<Finish>, shutdown: Ca
 }
 
 /// Returns expired leases to `pending` every `reap_interval_ms`.
-async fn run_reaper(store: Store, config: DispatchConfig, shutdown: CancellationToken) {
+async fn run_reaper(
+    store: Store,
+    metrics: Arc<Metrics>,
+    config: DispatchConfig,
+    shutdown: CancellationToken,
+) {
     let period = Duration::from_millis(config.reap_interval_ms);
     while !shutdown.is_cancelled() {
         match store.reap(now_ms()).await {
             Ok(0) => {}
             Ok(n) => warn!(reaped = n, "returned expired leases to pending"),
-            Err(e) => warn!(error = %e, "reaping expired leases failed"),
+            Err(e) => {
+                metrics.database_error("reap");
+                warn!(error = %e, "reaping expired leases failed");
+            }
         }
         sleep_or_cancel(period, &shutdown).await;
     }
+}
+
+fn millis_to_secs(ms: i64) -> f64 {
+    ms as f64 / 1000.0
 }
 
 async fn sleep_or_cancel(period: Duration, shutdown: &CancellationToken) {

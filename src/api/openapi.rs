@@ -1,0 +1,51 @@
+//! The OpenAPI document, generated from the handlers' `#[utoipa::path]` annotations and the
+//! wire types' `ToSchema` derives. `docs/openapi.json` is a committed copy that a test keeps
+//! identical to [`openapi_json`]; regenerate it as that test's failure message says.
+
+use utoipa::OpenApi;
+
+use super::error::{ErrorBody, ErrorOut};
+use super::handlers::{self, AcceptedOut};
+use crate::model::{EndpointIn, NotificationIn};
+use crate::store::{AttemptOut, NotificationStatus};
+
+/// The API description.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "api-notify",
+        description = "Notification gateway: durable ingest, deduplication on request_id and \
+                       at-least-once HTTP delivery to partners."
+    ),
+    paths(
+        handlers::create,
+        handlers::status,
+        handlers::healthz,
+        handlers::readyz,
+        handlers::metrics,
+        handlers::openapi,
+    ),
+    components(schemas(
+        NotificationIn,
+        EndpointIn,
+        AcceptedOut,
+        NotificationStatus,
+        AttemptOut,
+        ErrorBody,
+        ErrorOut
+    )),
+    tags(
+        (name = "notifications", description = "Ingest and status"),
+        (name = "operations", description = "Health, readiness, metrics"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The document as pretty-printed JSON with a final newline, as committed in `docs/`.
+pub fn openapi_json() -> String {
+    let mut text = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serialises");
+    text.push('\n');
+    text
+}
