@@ -29,6 +29,7 @@ async fn app(dir: &tempfile::TempDir) -> (axum::Router, Store) {
         store.clone(),
         Arc::default(),
         64,
+        Arc::default(),
     ));
     let state = AppState {
         queue: Queue::Embedded(queue),
@@ -36,6 +37,7 @@ async fn app(dir: &tempfile::TempDir) -> (axum::Router, Store) {
         limits: Limits::default(),
         guard: AddressGuard::new(vec!["127.0.0.0/8".parse().unwrap()]),
         max_request_bytes: 64 * 1024,
+        metrics: Arc::default(),
     };
     (router(Arc::new(state)), store)
 }

@@ -7,6 +7,11 @@
 #![allow(unreachable_pub)] // a test binary exports nothing
 
 mod api;
+mod config;
+mod docs;
+mod metrics;
 mod pipeline;
+mod private;
 mod processes;
+mod readiness;
 mod support;
