@@ -73,6 +73,12 @@ impl Dispatcher {
             let lease_ms = i64::try_from(this.config.lease_secs * 1000)?;
             let claimed = match this.store.claim(now_ms(), want, lease_ms).await {
                 Ok(claimed) => claimed,
+                Err(e) if crate::store::is_transient(&e) => {
+                    debug!(error = %e, "claim lost a lock race; retrying");
+                    drop(first);
+                    sleep_or_cancel(Duration::from_millis(20), &shutdown).await;
+                    continue;
+                }
                 Err(e) => {
                     error!(error = %e, "claiming due notifications failed; retrying in 1 s");
                     drop(first);
@@ -207,6 +213,10 @@ async fn run_finisher(store: Store, mut rx: mpsc::Receiver<Finish>, shutdown: Ca
         let mut failures = 0u32;
         while let Err(e) = store.finish(&batch).await {
             failures += 1;
+            if crate::store::is_transient(&e) && failures < 10 {
+                debug!(error = %e, "writing outcomes lost a lock race; retrying");
+                continue;
+            }
             if shutdown.is_cancelled() && failures >= 5 {
                 error!(error = %e, lost = batch.len(), "giving up writing outcomes at shutdown; \
                        those notifications will be attempted again after their leases expire");

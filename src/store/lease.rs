@@ -154,9 +154,12 @@ impl Store {
         if batch.is_empty() {
             return Ok(0);
         }
+        // Rows are updated in id order so that concurrent finishers lock in the same order.
+        let mut ordered: Vec<&Finish> = batch.iter().collect();
+        ordered.sort_by(|a, b| a.id.cmp(&b.id));
         let mut tx = self.pool.begin().await?;
         let mut updated = 0;
-        for f in batch {
+        for f in ordered {
             let (next_state, next_at, delivered_at) = match f.outcome {
                 Outcome::Delivered => (state::DELIVERED, None, Some(f.finished_at_ms)),
                 Outcome::Retry { next_attempt_at_ms } => {
@@ -207,20 +210,39 @@ impl Store {
         Ok(updated)
     }
 
-    /// Returns leases that expired before `now_ms` to `pending`, due at once.
+    /// Returns leases that expired before `now_ms` to `pending`, due at once. Finds them with
+    /// a plain read, then updates by primary key with the expiry re-checked, so it never locks
+    /// rows whose leases are alive.
     pub async fn reap(&self, now_ms: i64) -> anyhow::Result<u64> {
-        let result = sqlx::query(
-            "UPDATE notification SET state = ?, lease_until = NULL, claim_token = NULL, \
-             next_attempt_at = ?, updated_at = ? WHERE state = ? AND lease_until < ?",
+        let expired: Vec<String> = sqlx::query(
+            "SELECT id FROM notification WHERE state = ? AND lease_until < ? LIMIT 1000",
         )
-        .bind(state::PENDING)
-        .bind(now_ms)
-        .bind(now_ms)
         .bind(state::IN_FLIGHT)
         .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected())
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<_, _>>()?;
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "UPDATE notification SET state = ?, lease_until = NULL, claim_token = NULL, \
+             next_attempt_at = ?, updated_at = ? WHERE state = ? AND lease_until < ? \
+             AND id IN ({})",
+            placeholders(expired.len())
+        );
+        let mut update = sqlx::query(&sql)
+            .bind(state::PENDING)
+            .bind(now_ms)
+            .bind(now_ms)
+            .bind(state::IN_FLIGHT)
+            .bind(now_ms);
+        for id in &expired {
+            update = update.bind(id.as_str());
+        }
+        Ok(update.execute(&self.pool).await?.rows_affected())
     }
 
     /// Gives claims back unfinished (shutdown): the rows are due again at once.
