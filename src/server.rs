@@ -17,7 +17,7 @@ use tracing::{error, info};
 
 use crate::api::{AppState, router};
 use crate::config::Config;
-use crate::dispatch::{Delivery, Dispatcher};
+use crate::dispatch::{Delivery, Dispatcher, Partners};
 use crate::guard::AddressGuard;
 use crate::model::Limits;
 use crate::queue::{EmbeddedQueue, KafkaQueue, Queue, run_embedded_intake, run_kafka_intake};
@@ -114,6 +114,8 @@ pub async fn run(
             delivery: Delivery::new(&config.outbound)?,
             config: config.dispatch.clone(),
             retry: config.retry.clone(),
+            retention: config.retention.clone(),
+            partners: Arc::new(Partners::new(config.clone())),
             wake: wake.clone(),
         };
         let run = dispatcher.run(shutdown.clone());
@@ -133,6 +135,7 @@ pub async fn run(
             limits: Limits::default(),
             guard: AddressGuard::new(config.outbound.allow_cidrs.clone()),
             max_request_bytes: config.api.max_request_bytes,
+            config: config.clone(),
         });
         info!(address = %listener.local_addr()?, mode = mode(&config), "API listening");
         let app = router(state);

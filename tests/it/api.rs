@@ -36,6 +36,7 @@ async fn app(dir: &tempfile::TempDir) -> (axum::Router, Store) {
         limits: Limits::default(),
         guard: AddressGuard::new(vec!["127.0.0.0/8".parse().unwrap()]),
         max_request_bytes: 64 * 1024,
+        config: api_notify::config::Config::default(),
     };
     (router(Arc::new(state)), store)
 }
