@@ -67,6 +67,30 @@ pub enum Command {
         url: String,
         request_id: String,
     },
+    /// Deliver again, with the same webhook-id: one notification by request id, or a range of
+    /// a partner's finished notifications.
+    Replay {
+        #[arg(long, env = "API_NOTIFY_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The notification to replay.
+        #[arg(required_unless_present = "partner", conflicts_with = "partner")]
+        request_id: Option<String>,
+        /// Replay a range of this partner's notifications.
+        #[arg(long, requires_all = ["since", "until"])]
+        partner: Option<String>,
+        /// Accepted at or after: RFC 3339 time (2026-12-04T10:00:00Z) or milliseconds.
+        #[arg(long)]
+        since: Option<String>,
+        /// Accepted at or before: RFC 3339 time or milliseconds.
+        #[arg(long)]
+        until: Option<String>,
+        /// `dead` or `delivered`.
+        #[arg(long, default_value = "dead")]
+        state: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -106,6 +130,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo => crate::demo::run().await,
         Command::Send { url, file } => send(&url, &file).await,
         Command::Status { url, request_id } => status(&url, &request_id).await,
+        Command::Replay {
+            url,
+            request_id,
+            partner,
+            since,
+            until,
+            state,
+            limit,
+        } => {
+            let (path, body) = match (request_id, partner) {
+                (Some(id), _) => (
+                    format!("/v1/notifications/{id}/replay"),
+                    serde_json::json!({}),
+                ),
+                (None, Some(partner)) => {
+                    let since_ms = parse_time(since.as_deref().unwrap_or_default())?;
+                    let until_ms = parse_time(until.as_deref().unwrap_or_default())?;
+                    let body = serde_json::json!({"partner_id": partner, "since_ms": since_ms,
+                        "until_ms": until_ms, "state": state, "limit": limit});
+                    ("/v1/replays".to_string(), body)
+                }
+                (None, None) => anyhow::bail!("give a request id or --partner"),
+            };
+            post_json(&url, &path, &body).await
+        }
         Command::Config {
             command: ConfigCommand::Check { config },
         } => {
@@ -202,6 +251,35 @@ fn notification_documents(text: &str) -> Vec<(usize, &str)> {
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| (i + 1, l))
         .collect()
+}
+
+/// RFC 3339 time or milliseconds since the epoch.
+fn parse_time(text: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    let at = humantime::parse_rfc3339_weak(text)
+        .with_context(|| format!("{text:?} is neither an RFC 3339 time nor milliseconds"))?;
+    let ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    Ok(i64::try_from(ms)?)
+}
+
+async fn post_json(url: &str, path: &str, body: &serde_json::Value) -> anyhow::Result<()> {
+    let endpoint = format!("{}{path}", url.trim_end_matches('/'));
+    let response = reqwest::Client::new()
+        .post(&endpoint)
+        .json(body)
+        .send()
+        .await
+        .with_context(|| format!("posting to {endpoint}"))?;
+    let status = response.status();
+    let answer: serde_json::Value = response.json().await.context("the answer is not JSON")?;
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    anyhow::ensure!(status.is_success(), "the gateway answered {status}");
+    Ok(())
 }
 
 async fn status(url: &str, request_id: &str) -> anyhow::Result<()> {

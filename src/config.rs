@@ -4,6 +4,7 @@
 //! Unknown keys are errors that name the key. Secrets (the database password) live in
 //! [`Secret`] so that `Debug` and `Display` never print them.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -30,6 +31,62 @@ pub struct Config {
     pub retry: RetryConfig,
     pub dispatch: DispatchConfig,
     pub metrics: MetricsConfig,
+    /// Settings every partner gets unless `[partners.<id>]` overrides them.
+    pub partner_defaults: PartnerSettings,
+    /// Per-partner overrides; keys are partner ids.
+    pub partners: BTreeMap<String, PartnerOverride>,
+    pub retention: RetentionConfig,
+}
+
+/// Delivery policy for one partner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct PartnerSettings {
+    /// Deliveries in flight at once for this partner, per dispatcher process.
+    pub max_in_flight: usize,
+    /// Requests per second; 0 means no limit.
+    pub rate_limit_per_sec: u32,
+    /// Total deadline of one POST; 0 means `outbound.request_timeout_ms`.
+    pub request_timeout_ms: u64,
+    /// Retry schedule; empty means `retry.schedule_secs`.
+    pub retry_schedule_secs: Vec<u64>,
+    /// One delivery at a time, in order of acceptance; a failing head blocks the partner.
+    pub fifo: bool,
+    /// Consecutive failed attempts (transport errors, 5xx, 429, 408) that open the breaker.
+    pub breaker_failure_threshold: u32,
+    /// How long an open breaker waits before one probe attempt.
+    pub breaker_cooldown_ms: u64,
+}
+
+/// `[partners.<id>]`: any subset of [`PartnerSettings`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PartnerOverride {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_sec: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_schedule_secs: Option<Vec<u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fifo: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaker_failure_threshold: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaker_cooldown_ms: Option<u64>,
+}
+
+/// How long finished notifications and their attempts are kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Delivered and dead notifications older than this are purged; 0 keeps them forever.
+    pub max_age_secs: u64,
+    /// Rows deleted per statement, so a purge never holds long locks.
+    pub purge_batch: usize,
+    pub purge_interval_secs: u64,
 }
 
 /// The ingest HTTP API.
@@ -205,7 +262,52 @@ impl Default for MetricsConfig {
     }
 }
 
+impl Default for PartnerSettings {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 64,
+            rate_limit_per_sec: 0,
+            request_timeout_ms: 0,
+            retry_schedule_secs: Vec::new(),
+            fifo: false,
+            breaker_failure_threshold: 10,
+            breaker_cooldown_ms: 30_000,
+        }
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            max_age_secs: 7 * 24 * 3600,
+            purge_batch: 500,
+            purge_interval_secs: 60,
+        }
+    }
+}
+
 impl Config {
+    /// The effective settings of `partner_id`: defaults with its overrides applied.
+    pub fn partner(&self, partner_id: &str) -> PartnerSettings {
+        let mut s = self.partner_defaults.clone();
+        let Some(o) = self.partners.get(partner_id) else {
+            return s;
+        };
+        s.max_in_flight = o.max_in_flight.unwrap_or(s.max_in_flight);
+        s.rate_limit_per_sec = o.rate_limit_per_sec.unwrap_or(s.rate_limit_per_sec);
+        s.request_timeout_ms = o.request_timeout_ms.unwrap_or(s.request_timeout_ms);
+        s.retry_schedule_secs = o
+            .retry_schedule_secs
+            .clone()
+            .unwrap_or(s.retry_schedule_secs);
+        s.fifo = o.fifo.unwrap_or(s.fifo);
+        s.breaker_failure_threshold = o
+            .breaker_failure_threshold
+            .unwrap_or(s.breaker_failure_threshold);
+        s.breaker_cooldown_ms = o.breaker_cooldown_ms.unwrap_or(s.breaker_cooldown_ms);
+        s
+    }
+
     /// Defaults, then `file` if given, then the environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));

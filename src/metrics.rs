@@ -9,8 +9,8 @@
 //! the partner (tens to hundreds), `partition` the topic's partitions. Never label by request or
 //! notification id. `docs/metrics.md` describes every metric; keep it in step with this file.
 //!
-//! TODO: plugin calls, plugin latency, plugin reloads and breaker state are in the design but not
-//! here yet: declare them when the plugin registry and the partner breaker exist to record them.
+//! TODO: plugin calls, plugin latency and plugin reloads are in the design but not here yet:
+//! declare them when the plugin registry lands on `main` and can record them.
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -69,6 +69,7 @@ pub struct Metrics {
     backlog: IntGaugeVec,
     conflicts: IntGauge,
     consumer_lag: IntGaugeVec,
+    breaker: IntGaugeVec,
 }
 
 impl Metrics {
@@ -132,6 +133,14 @@ impl Metrics {
                 &["partition"],
             )
             .expect("valid metric"),
+            breaker: IntGaugeVec::new(
+                Opts::new(
+                    "api_notify_partner_breaker_state",
+                    "Circuit breaker per partner: 0 closed, 1 half-open (probing), 2 open.",
+                ),
+                &["partner_id"],
+            )
+            .expect("valid metric"),
             registry,
         };
         metrics.register_all();
@@ -154,7 +163,7 @@ impl Metrics {
         descs.map(|d| d.fq_name.clone()).collect()
     }
 
-    fn collectors(&self) -> [Box<dyn Collector>; 10] {
+    fn collectors(&self) -> [Box<dyn Collector>; 11] {
         [
             Box::new(self.ingest_requests.clone()),
             Box::new(self.kafka_produce_failures.clone()),
@@ -166,6 +175,7 @@ impl Metrics {
             Box::new(self.backlog.clone()),
             Box::new(self.conflicts.clone()),
             Box::new(self.consumer_lag.clone()),
+            Box::new(self.breaker.clone()),
         ]
     }
 
@@ -252,6 +262,16 @@ impl Metrics {
         self.consumer_lag
             .with_label_values(&[&partition.to_string()])
             .set(lag_records);
+    }
+
+    /// The breaker of `partner_id` changed to `state` (`closed`, `half_open` or `open`).
+    pub fn breaker_changed(&self, partner_id: &str, state: &str) {
+        let value = match state {
+            "open" => 2,
+            "half_open" => 1,
+            _ => 0,
+        };
+        self.breaker.with_label_values(&[partner_id]).set(value);
     }
 }
 

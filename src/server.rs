@@ -17,7 +17,7 @@ use tracing::{error, info};
 
 use crate::api::{AppState, router};
 use crate::config::Config;
-use crate::dispatch::{Delivery, Dispatcher};
+use crate::dispatch::{Delivery, Dispatcher, Partners};
 use crate::guard::AddressGuard;
 use crate::metrics::{self, Metrics};
 use crate::model::Limits;
@@ -126,6 +126,8 @@ pub async fn run(
             delivery: Delivery::new(&config.outbound)?,
             config: config.dispatch.clone(),
             retry: config.retry.clone(),
+            retention: config.retention.clone(),
+            partners: Arc::new(Partners::new(config.clone())),
             wake: wake.clone(),
             metrics: metrics.clone(),
         };
@@ -147,6 +149,7 @@ pub async fn run(
             guard: AddressGuard::new(config.outbound.allow_cidrs.clone()),
             max_request_bytes: config.api.max_request_bytes,
             metrics: metrics.clone(),
+            config: config.clone(),
         });
         let refresher =
             metrics::run_backlog_refresh(metrics.clone(), store.clone(), refresh, shutdown.clone());

@@ -4,10 +4,12 @@
 //! the queue acknowledged it. Routes are built by [`router`] so tests can drive them without a
 //! socket.
 
+mod admin;
 mod error;
 mod handlers;
 mod openapi;
 
+pub use admin::{MAX_RANGE_REPLAY, PartnerOut, ReplayOut, ReplayRangeIn, ReplayRangeOut};
 pub use handlers::AcceptedOut;
 
 use std::sync::Arc;
@@ -34,6 +36,8 @@ pub struct AppState {
     pub guard: AddressGuard,
     pub max_request_bytes: usize,
     pub metrics: Arc<Metrics>,
+    /// For partner settings in operator answers.
+    pub config: crate::config::Config,
 }
 
 /// All routes.
@@ -42,6 +46,12 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/notifications", post(handlers::create))
         .route("/v1/notifications/{request_id}", get(handlers::status))
+        .route(
+            "/v1/notifications/{request_id}/replay",
+            post(admin::replay_one),
+        )
+        .route("/v1/replays", post(admin::replay_range))
+        .route("/v1/partners/{partner_id}", get(admin::partner))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/metrics", get(handlers::metrics))

@@ -4,10 +4,12 @@
 
 use utoipa::OpenApi;
 
+use super::admin::{self, PartnerOut, ReplayOut, ReplayRangeIn, ReplayRangeOut};
 use super::error::{ErrorBody, ErrorOut};
 use super::handlers::{self, AcceptedOut};
+use crate::config::PartnerSettings;
 use crate::model::{EndpointIn, NotificationIn};
-use crate::store::{AttemptOut, NotificationStatus};
+use crate::store::{AttemptOut, NotificationStatus, PartnerCounts};
 
 /// The API description.
 #[derive(OpenApi)]
@@ -20,6 +22,9 @@ use crate::store::{AttemptOut, NotificationStatus};
     paths(
         handlers::create,
         handlers::status,
+        admin::replay_one,
+        admin::replay_range,
+        admin::partner,
         handlers::healthz,
         handlers::readyz,
         handlers::metrics,
@@ -32,11 +37,17 @@ use crate::store::{AttemptOut, NotificationStatus};
         NotificationStatus,
         AttemptOut,
         ErrorBody,
-        ErrorOut
+        ErrorOut,
+        ReplayOut,
+        ReplayRangeIn,
+        ReplayRangeOut,
+        PartnerOut,
+        PartnerCounts,
+        PartnerSettings
     )),
     tags(
         (name = "notifications", description = "Ingest and status"),
-        (name = "operations", description = "Health, readiness, metrics"),
+        (name = "operations", description = "Health, readiness, metrics, replays, partners"),
     )
 )]
 pub struct ApiDoc;

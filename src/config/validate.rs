@@ -10,6 +10,7 @@ pub(super) fn problems(config: &Config) -> Vec<String> {
     api_and_database(config, &mut rules);
     kafka(config, &mut rules);
     delivery(config, &mut rules);
+    partners(config, &mut rules);
     rules.at_least(
         "metrics.refresh_interval_ms",
         config.metrics.refresh_interval_ms,
@@ -104,6 +105,52 @@ fn delivery(config: &Config, rules: &mut Rules) {
     );
 }
 
+fn partners(config: &Config, rules: &mut Rules) {
+    let defaults = &config.partner_defaults;
+    rules.check(!defaults.fifo, "partner_defaults.fifo", || {
+        "must be false: turn FIFO on per partner in [partners.<id>]".into()
+    });
+    let lease_ms = config.dispatch.lease_secs.saturating_mul(1000);
+    let mut each = vec![("partner_defaults".to_string(), defaults.clone())];
+    for id in config.partners.keys() {
+        each.push((format!("partners.{id}"), config.partner(id)));
+    }
+    for (prefix, p) in each {
+        rules.at_least(
+            &format!("{prefix}.max_in_flight"),
+            p.max_in_flight as u64,
+            1,
+        );
+        rules.check(
+            p.request_timeout_ms < lease_ms,
+            &format!("{prefix}.request_timeout_ms"),
+            || {
+                format!(
+                    "must be shorter than dispatch.lease_secs ({lease_ms} ms) (got {})",
+                    p.request_timeout_ms
+                )
+            },
+        );
+        rules.check(
+            p.retry_schedule_secs.iter().all(|s| *s >= 1),
+            &format!("{prefix}.retry_schedule_secs"),
+            || {
+                format!(
+                    "entries must be at least 1 (got {:?})",
+                    p.retry_schedule_secs
+                )
+            },
+        );
+    }
+    let retention = &config.retention;
+    rules.at_least("retention.purge_batch", retention.purge_batch as u64, 1);
+    rules.at_least(
+        "retention.purge_interval_secs",
+        retention.purge_interval_secs,
+        1,
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +192,24 @@ mod tests {
         assert!(
             !problems.contains("hunter2"),
             "the password must not be shown: {problems}"
+        );
+    }
+
+    #[test]
+    fn partner_override_rules_name_the_partner() {
+        let mut config = Config::default();
+        config.partners.insert(
+            "acme".into(),
+            crate::config::PartnerOverride {
+                max_in_flight: Some(0),
+                ..Default::default()
+            },
+        );
+        let problems = problems(&config);
+        assert_eq!(
+            problems,
+            vec!["`partners.acme.max_in_flight` must be at least 1 (got 0)".to_string()],
+            "the partner's key should be named"
         );
     }
 

@@ -7,6 +7,7 @@
 
 pub mod backoff;
 pub mod deliver;
+pub mod partner;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 pub use deliver::{AttemptResult, Delivery, REQUEST_ID, Verdict, WEBHOOK_ID};
+pub use partner::{BreakerState, Partners};
 
-use crate::config::{DispatchConfig, RetryConfig};
+use crate::config::{DispatchConfig, RetentionConfig, RetryConfig};
 use crate::metrics::Metrics;
 use crate::model::now_ms;
 use crate::store::{AttemptRecord, Claimed, Finish, Outcome, Store};
@@ -33,6 +35,9 @@ pub struct Dispatcher {
     pub delivery: Delivery,
     pub config: DispatchConfig,
     pub retry: RetryConfig,
+    pub retention: RetentionConfig,
+    /// Per-partner caps, rate limits, FIFO and breakers.
+    pub partners: Arc<Partners>,
     /// Nudged by an in-process intake when new rows arrive, to skip the idle poll.
     pub wake: Arc<Notify>,
     pub metrics: Arc<Metrics>,
@@ -56,6 +61,7 @@ impl Dispatcher {
             self.store.clone(),
             self.metrics.clone(),
             self.config.clone(),
+            self.retention.clone(),
             shutdown.clone(),
         ));
         let held: Held = Arc::default();
@@ -74,9 +80,14 @@ impl Dispatcher {
                 () = shutdown.cancelled() => break,
             };
             let want = (permits.available_permits() + 1).min(this.config.claim_batch);
-            let lease_ms = i64::try_from(this.config.lease_secs * 1000)?;
-            let claimed = match this.store.claim(now_ms(), want, lease_ms).await {
+            let claimed = match this.claim(want).await {
                 Ok(claimed) => claimed,
+                Err(e) if crate::store::is_transient(&e) => {
+                    debug!(error = %e, "claim lost a lock race; retrying");
+                    drop(first);
+                    sleep_or_cancel(Duration::from_millis(20), &shutdown).await;
+                    continue;
+                }
                 Err(e) => {
                     this.metrics.database_error("claim");
                     error!(error = %e, "claiming due notifications failed; retrying in 1 s");
@@ -123,9 +134,34 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Claims up to `want` rows the partners have room for, plus due FIFO heads; rows claimed
+    /// beyond a partner's room are released at once.
+    async fn claim(&self, want: usize) -> anyhow::Result<Vec<Claimed>> {
+        let now = now_ms();
+        let lease_ms = i64::try_from(self.config.lease_secs * 1000)?;
+        let exclude = self.partners.excluded(now);
+        let mut claimed = self.store.claim(now, want, lease_ms, &exclude).await?;
+        for partner in self.partners.fifo_ready(now) {
+            if let Some(head) = self.store.claim_fifo_head(&partner, now, lease_ms).await? {
+                claimed.push(head);
+            }
+        }
+        let (admitted, over): (Vec<_>, Vec<_>) = claimed
+            .into_iter()
+            .partition(|c| self.partners.try_start(&c.partner_id, now));
+        if !over.is_empty() {
+            let back: Vec<_> = over.into_iter().map(|c| (c.id, c.claim_token)).collect();
+            self.store.release(&back, now).await?;
+        }
+        Ok(admitted)
+    }
+
     /// One attempt for a claimed notification, turned into the write that records it.
     async fn attempt(&self, claimed: Claimed) -> Finish {
         let number = claimed.attempts + 1;
+        let settings = self.partners.settings(&claimed.partner_id);
+        let timeout = (settings.request_timeout_ms > 0)
+            .then(|| Duration::from_millis(settings.request_timeout_ms));
         let span = info_span!(
             "attempt",
             partner_id = %claimed.partner_id,
@@ -135,11 +171,17 @@ impl Dispatcher {
         );
         let result = self
             .delivery
-            .attempt(&claimed)
+            .attempt(&claimed, timeout)
             .instrument(span.clone())
             .await;
         let now = now_ms();
-        let outcome = self.outcome(&result.verdict, number, now);
+        self.note_breaker(&claimed.partner_id, result.partner_unhealthy(), now)
+            .await;
+        let mut retry = self.retry.clone();
+        if !settings.retry_schedule_secs.is_empty() {
+            retry.schedule_secs = settings.retry_schedule_secs;
+        }
+        let outcome = outcome(&retry, &result.verdict, number - claimed.retry_base, now);
         span.in_scope(|| match &outcome {
             Outcome::Delivered => debug!(status = ?result.record.status_code, "delivered"),
             Outcome::Retry { next_attempt_at_ms } => debug!(
@@ -177,20 +219,24 @@ impl Dispatcher {
         }
     }
 
-    fn outcome(&self, verdict: &Verdict, number: i64, now: i64) -> Outcome {
-        match verdict {
-            Verdict::Delivered => Outcome::Delivered,
-            Verdict::Final => Outcome::Dead,
-            Verdict::Failed { retry_after } => {
-                let delay =
-                    backoff::next_delay(&self.retry, number, *retry_after, &mut rand::rng());
-                match delay {
-                    Some(d) => Outcome::Retry {
-                        next_attempt_at_ms: now + i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
-                    },
-                    None => Outcome::Dead,
-                }
-            }
+    /// Frees the partner's slot and records a breaker change.
+    async fn note_breaker(&self, partner_id: &str, failed: bool, now: i64) {
+        let Some(state) = self.partners.finish(partner_id, failed, now) else {
+            return;
+        };
+        let name = match state {
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+            BreakerState::Closed => "closed",
+        };
+        match state {
+            BreakerState::Open => warn!(partner_id, "circuit breaker opened; deliveries paused"),
+            _ => info!(partner_id, breaker = name, "circuit breaker changed"),
+        }
+        self.metrics.breaker_changed(partner_id, name);
+        if let Err(e) = self.store.record_breaker(partner_id, name, now).await {
+            self.metrics.database_error("breaker");
+            warn!(partner_id, error = %e, "could not record the breaker state");
         }
     }
 
@@ -219,6 +265,23 @@ impl Dispatcher {
     }
 }
 
+/// What an attempt's verdict means for the notification; `counted` is the attempt's number
+/// since the last replay.
+fn outcome(retry: &RetryConfig, verdict: &Verdict, counted: i64, now: i64) -> Outcome {
+    match verdict {
+        Verdict::Delivered => Outcome::Delivered,
+        Verdict::Final => Outcome::Dead,
+        Verdict::Failed { retry_after } => {
+            match backoff::next_delay(retry, counted, *retry_after, &mut rand::rng()) {
+                Some(d) => Outcome::Retry {
+                    next_attempt_at_ms: now + i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+                },
+                None => Outcome::Dead,
+            }
+        }
+    }
+}
+
 /// Writes outcomes in batches; retries while the database is away (the attempts are held in
 /// memory meanwhile, and the dispatcher stops claiming when the channel fills).
 async fn run_finisher(
@@ -238,6 +301,10 @@ async fn run_finisher(
         let mut failures = 0u32;
         while let Err(e) = store.finish(&batch).await {
             failures += 1;
+            if crate::store::is_transient(&e) && failures < 10 {
+                debug!(error = %e, "writing outcomes lost a lock race; retrying");
+                continue;
+            }
             metrics.database_error("finish");
             if shutdown.is_cancelled() && failures >= 5 {
                 error!(error = %e, lost = batch.len(), "giving up writing outcomes at shutdown; \
@@ -250,14 +317,18 @@ async fn run_finisher(
     }
 }
 
-/// Returns expired leases to `pending` every `reap_interval_ms`.
+/// Returns expired leases to `pending` every `reap_interval_ms`, and purges finished rows past
+/// the retention age every `purge_interval_secs`.
 async fn run_reaper(
     store: Store,
     metrics: Arc<Metrics>,
     config: DispatchConfig,
+    retention: RetentionConfig,
     shutdown: CancellationToken,
 ) {
     let period = Duration::from_millis(config.reap_interval_ms);
+    let purge_every_ms = i64::try_from(retention.purge_interval_secs * 1000).unwrap_or(i64::MAX);
+    let mut last_purge_ms = 0;
     while !shutdown.is_cancelled() {
         match store.reap(now_ms()).await {
             Ok(0) => {}
@@ -267,12 +338,50 @@ async fn run_reaper(
                 warn!(error = %e, "reaping expired leases failed");
             }
         }
+        if retention.max_age_secs > 0 && now_ms() - last_purge_ms >= purge_every_ms {
+            last_purge_ms = now_ms();
+            purge(&store, &metrics, &retention, &shutdown).await;
+        }
         sleep_or_cancel(period, &shutdown).await;
     }
 }
 
 fn millis_to_secs(ms: i64) -> f64 {
     ms as f64 / 1000.0
+}
+
+/// Deletes finished rows older than the retention age, one small batch at a time.
+async fn purge(
+    store: &Store,
+    metrics: &Metrics,
+    retention: &RetentionConfig,
+    shutdown: &CancellationToken,
+) {
+    let age_ms = i64::try_from(retention.max_age_secs * 1000).unwrap_or(i64::MAX);
+    let cutoff = now_ms().saturating_sub(age_ms);
+    let mut total = 0;
+    while !shutdown.is_cancelled() {
+        match store.purge(cutoff, retention.purge_batch).await {
+            Ok(n) => {
+                total += n;
+                if n < retention.purge_batch as u64 {
+                    break;
+                }
+            }
+            Err(e) => {
+                metrics.database_error("purge");
+                warn!(error = %e, "retention purge failed");
+                break;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    if total > 0 {
+        info!(
+            purged = total,
+            "retention purge removed finished notifications"
+        );
+    }
 }
 
 async fn sleep_or_cancel(period: Duration, shutdown: &CancellationToken) {

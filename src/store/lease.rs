@@ -22,6 +22,8 @@ pub struct Claimed {
     pub body: Vec<u8>,
     /// Attempts made before this one.
     pub attempts: i64,
+    /// Attempts made before the last replay: the retry schedule counts from here.
+    pub retry_base: i64,
     pub created_at_ms: i64,
     pub claim_token: String,
 }
@@ -60,66 +62,115 @@ pub struct Finish {
 }
 
 const CLAIM_COLUMNS: &str =
-    "id, request_id, partner_id, endpoints, headers, body, attempts, created_at";
+    "id, request_id, partner_id, endpoints, headers, body, attempts, retry_base, created_at";
 
 impl Store {
-    /// Claims up to `limit` due notifications for `lease_ms`.
+    /// Claims up to `limit` due notifications for `lease_ms`, leaving out the partners in
+    /// `exclude` (at most the first 1,000 are honoured).
     pub async fn claim(
         &self,
         now_ms: i64,
         limit: usize,
         lease_ms: i64,
+        exclude: &[String],
     ) -> anyhow::Result<Vec<Claimed>> {
         let token = uuid::Uuid::now_v7().simple().to_string();
+        let exclude = &exclude[..exclude.len().min(1000)];
+        let claim = ClaimSpec {
+            now_ms,
+            limit,
+            lease_ms,
+            token: &token,
+            exclude,
+        };
         match self.dialect {
-            Dialect::Sqlite => self.claim_sqlite(now_ms, limit, lease_ms, &token).await,
-            Dialect::Mysql => self.claim_mysql(now_ms, limit, lease_ms, &token).await,
+            Dialect::Sqlite => self.claim_sqlite(&claim).await,
+            Dialect::Mysql => self.claim_mysql(&claim).await,
         }
     }
 
-    async fn claim_sqlite(
+    /// Claims the oldest unfinished notification of a FIFO partner, if it is pending and due.
+    /// Nothing is claimed while the head is in flight or waiting for its retry.
+    pub async fn claim_fifo_head(
         &self,
+        partner_id: &str,
         now_ms: i64,
-        limit: usize,
         lease_ms: i64,
-        token: &str,
-    ) -> anyhow::Result<Vec<Claimed>> {
+    ) -> anyhow::Result<Option<Claimed>> {
+        let token = uuid::Uuid::now_v7().simple().to_string();
+        let mut tx = self.pool.begin().await?;
+        let lock = if self.dialect == Dialect::Mysql {
+            "FOR UPDATE"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT {CLAIM_COLUMNS}, state, next_attempt_at FROM notification \
+             WHERE partner_id = ? AND state IN (?, ?) ORDER BY id LIMIT 1 {lock}"
+        );
+        let head = sqlx::query(&sql)
+            .bind(partner_id)
+            .bind(state::PENDING)
+            .bind(state::IN_FLIGHT)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(head) = head else { return Ok(None) };
+        let due = head.try_get::<String, _>("state")? == state::PENDING
+            && head.try_get::<i64, _>("next_attempt_at")? <= now_ms;
+        if !due {
+            return Ok(None);
+        }
+        let claimed = claimed_from_row(&head, &token)?;
+        sqlx::query(
+            "UPDATE notification SET state = ?, lease_until = ?, claim_token = ?, updated_at = ? \
+             WHERE id = ? AND state = ?",
+        )
+        .bind(state::IN_FLIGHT)
+        .bind(now_ms + lease_ms)
+        .bind(token.as_str())
+        .bind(now_ms)
+        .bind(claimed.id.as_str())
+        .bind(state::PENDING)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(claimed))
+    }
+
+    async fn claim_sqlite(&self, c: &ClaimSpec<'_>) -> anyhow::Result<Vec<Claimed>> {
         let sql = format!(
             "UPDATE notification SET state = ?, lease_until = ?, claim_token = ?, updated_at = ? \
              WHERE id IN (SELECT id FROM notification WHERE state = ? AND next_attempt_at <= ? \
-             ORDER BY next_attempt_at LIMIT ?) RETURNING {CLAIM_COLUMNS}"
+             {} ORDER BY next_attempt_at LIMIT ?) RETURNING {CLAIM_COLUMNS}",
+            c.exclusion()
         );
-        let rows = sqlx::query(&sql)
+        let mut query = sqlx::query(&sql)
             .bind(state::IN_FLIGHT)
-            .bind(now_ms + lease_ms)
-            .bind(token)
-            .bind(now_ms)
+            .bind(c.now_ms + c.lease_ms)
+            .bind(c.token)
+            .bind(c.now_ms)
             .bind(state::PENDING)
-            .bind(now_ms)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(|r| claimed_from_row(r, token)).collect()
+            .bind(c.now_ms);
+        for partner in c.exclude {
+            query = query.bind(partner.as_str());
+        }
+        let rows = query.bind(c.limit as i64).fetch_all(&self.pool).await?;
+        rows.iter().map(|r| claimed_from_row(r, c.token)).collect()
     }
 
-    async fn claim_mysql(
-        &self,
-        now_ms: i64,
-        limit: usize,
-        lease_ms: i64,
-        token: &str,
-    ) -> anyhow::Result<Vec<Claimed>> {
+    async fn claim_mysql(&self, c: &ClaimSpec<'_>) -> anyhow::Result<Vec<Claimed>> {
+        let (now_ms, lease_ms, token) = (c.now_ms, c.lease_ms, c.token);
         let mut tx = self.pool.begin().await?;
         let sql = format!(
             "SELECT {CLAIM_COLUMNS} FROM notification WHERE state = ? AND next_attempt_at <= ? \
-             ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED"
+             {} ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED",
+            c.exclusion()
         );
-        let rows = sqlx::query(&sql)
-            .bind(state::PENDING)
-            .bind(now_ms)
-            .bind(limit as i64)
-            .fetch_all(&mut *tx)
-            .await?;
+        let mut query = sqlx::query(&sql).bind(state::PENDING).bind(now_ms);
+        for partner in c.exclude {
+            query = query.bind(partner.as_str());
+        }
+        let rows = query.bind(c.limit as i64).fetch_all(&mut *tx).await?;
         // Decode before committing: a row that cannot be read must not be left in flight.
         let claimed: Vec<Claimed> = rows
             .iter()
@@ -154,9 +205,12 @@ impl Store {
         if batch.is_empty() {
             return Ok(0);
         }
+        // Rows are updated in id order so that concurrent finishers lock in the same order.
+        let mut ordered: Vec<&Finish> = batch.iter().collect();
+        ordered.sort_by(|a, b| a.id.cmp(&b.id));
         let mut tx = self.pool.begin().await?;
         let mut updated = 0;
-        for f in batch {
+        for f in ordered {
             let (next_state, next_at, delivered_at) = match f.outcome {
                 Outcome::Delivered => (state::DELIVERED, None, Some(f.finished_at_ms)),
                 Outcome::Retry { next_attempt_at_ms } => {
@@ -207,20 +261,39 @@ impl Store {
         Ok(updated)
     }
 
-    /// Returns leases that expired before `now_ms` to `pending`, due at once.
+    /// Returns leases that expired before `now_ms` to `pending`, due at once. Finds them with
+    /// a plain read, then updates by primary key with the expiry re-checked, so it never locks
+    /// rows whose leases are alive.
     pub async fn reap(&self, now_ms: i64) -> anyhow::Result<u64> {
-        let result = sqlx::query(
-            "UPDATE notification SET state = ?, lease_until = NULL, claim_token = NULL, \
-             next_attempt_at = ?, updated_at = ? WHERE state = ? AND lease_until < ?",
+        let expired: Vec<String> = sqlx::query(
+            "SELECT id FROM notification WHERE state = ? AND lease_until < ? LIMIT 1000",
         )
-        .bind(state::PENDING)
-        .bind(now_ms)
-        .bind(now_ms)
         .bind(state::IN_FLIGHT)
         .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected())
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<_, _>>()?;
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "UPDATE notification SET state = ?, lease_until = NULL, claim_token = NULL, \
+             next_attempt_at = ?, updated_at = ? WHERE state = ? AND lease_until < ? \
+             AND id IN ({})",
+            placeholders(expired.len())
+        );
+        let mut update = sqlx::query(&sql)
+            .bind(state::PENDING)
+            .bind(now_ms)
+            .bind(now_ms)
+            .bind(state::IN_FLIGHT)
+            .bind(now_ms);
+        for id in &expired {
+            update = update.bind(id.as_str());
+        }
+        Ok(update.execute(&self.pool).await?.rows_affected())
     }
 
     /// Gives claims back unfinished (shutdown): the rows are due again at once.
@@ -245,6 +318,29 @@ impl Store {
     }
 }
 
+/// Parameters of one claim.
+struct ClaimSpec<'a> {
+    now_ms: i64,
+    limit: usize,
+    lease_ms: i64,
+    token: &'a str,
+    exclude: &'a [String],
+}
+
+impl ClaimSpec<'_> {
+    /// `AND partner_id NOT IN (?, …)` when partners are excluded.
+    fn exclusion(&self) -> String {
+        if self.exclude.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "AND partner_id NOT IN ({})",
+                placeholders(self.exclude.len())
+            )
+        }
+    }
+}
+
 fn claimed_from_row(row: &AnyRow, token: &str) -> anyhow::Result<Claimed> {
     let endpoints = text(row, "endpoints")?;
     let headers = text(row, "headers")?;
@@ -256,6 +352,7 @@ fn claimed_from_row(row: &AnyRow, token: &str) -> anyhow::Result<Claimed> {
         headers: serde_json::from_str(&headers)?,
         body: row.try_get("body")?,
         attempts: row.try_get("attempts")?,
+        retry_base: row.try_get("retry_base")?,
         created_at_ms: row.try_get("created_at")?,
         claim_token: token.to_string(),
     })

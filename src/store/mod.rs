@@ -10,6 +10,7 @@
 
 mod intake;
 mod lease;
+mod ops;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use sqlx::{AnyPool, ConnectOptions, Executor};
 
 pub use intake::{AttemptOut, InsertOutcome, NotificationStatus};
 pub use lease::{AttemptRecord, Claimed, Finish, Outcome};
+pub use ops::{PartnerCounts, ReplayOutcome, ReplayRange};
 
 use crate::config::DatabaseConfig;
 
@@ -79,10 +81,19 @@ impl Store {
             .acquire_timeout(Duration::from_secs(10))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
-                    if dialect == Dialect::Sqlite {
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA synchronous = NORMAL").await?;
-                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    match dialect {
+                        Dialect::Sqlite => {
+                            conn.execute("PRAGMA journal_mode = WAL").await?;
+                            conn.execute("PRAGMA synchronous = NORMAL").await?;
+                            conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        }
+                        // A queue table under REPEATABLE READ takes gap and next-key locks on
+                        // every row a statement scans; READ COMMITTED locks only the rows it
+                        // changes, which keeps claims, finishes and the reaper from deadlocking.
+                        Dialect::Mysql => {
+                            conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                                .await?;
+                        }
                     }
                     Ok(())
                 })
@@ -149,6 +160,17 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// True for errors worth an immediate retry: a MySQL deadlock victim (SQLSTATE 40001) or a busy
+/// SQLite database.
+pub fn is_transient(error: &anyhow::Error) -> bool {
+    error.chain().any(|e| {
+        e.downcast_ref::<sqlx::Error>()
+            .and_then(|e| e.as_database_error())
+            .and_then(|db| db.code())
+            .is_some_and(|code| matches!(code.as_ref(), "40001" | "5" | "517"))
+    })
 }
 
 /// `?, ?, …` with `n` placeholders.

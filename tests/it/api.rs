@@ -38,6 +38,7 @@ async fn app(dir: &tempfile::TempDir) -> (axum::Router, Store) {
         guard: AddressGuard::new(vec!["127.0.0.0/8".parse().unwrap()]),
         max_request_bytes: 64 * 1024,
         metrics: Arc::default(),
+        config: api_notify::config::Config::default(),
     };
     (router(Arc::new(state)), store)
 }

@@ -36,6 +36,9 @@ fn openapi_document_describes_every_route() {
     for path in [
         "/v1/notifications",
         "/v1/notifications/{request_id}",
+        "/v1/notifications/{request_id}/replay",
+        "/v1/replays",
+        "/v1/partners/{partner_id}",
         "/healthz",
         "/readyz",
         "/metrics",

@@ -11,6 +11,7 @@ mod config;
 mod docs;
 mod metrics;
 mod pipeline;
+mod policy;
 mod private;
 mod processes;
 mod readiness;
