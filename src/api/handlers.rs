@@ -88,6 +88,7 @@ async fn ingest(
     })?;
     let notification = parse_notification(&body, &state.limits, &state.guard)?;
     let request_id = notification.request_id.clone();
+    tracing::Span::current().record("request_id", request_id.as_str());
     let answer = |status, id: String, duplicate| {
         Ok((
             status,
@@ -164,6 +165,7 @@ pub(super) async fn status(
     State(state): State<Arc<AppState>>,
     Path(request_id): Path<String>,
 ) -> Result<Json<NotificationStatus>, ApiError> {
+    tracing::Span::current().record("request_id", request_id.as_str());
     match state.store.status(&request_id).await {
         Ok(Some(status)) => Ok(Json(status)),
         Ok(None) => Err(ApiError::not_found(format!(

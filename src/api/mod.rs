@@ -63,7 +63,12 @@ pub fn router(state: Arc<AppState>) -> Router {
                     .extensions()
                     .get::<MatchedPath>()
                     .map_or("unmatched", MatchedPath::as_str);
-                tracing::info_span!("http", method = %request.method(), route)
+                tracing::info_span!(
+                    "http",
+                    method = %request.method(),
+                    route,
+                    request_id = tracing::field::Empty,
+                )
             }),
         )
         .with_state(state)

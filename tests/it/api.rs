@@ -173,3 +173,54 @@ fn example_config_parses_and_matches_the_defaults() {
         "examples/config.toml should document exactly the defaults"
     );
 }
+
+async fn get(app: &axum::Router, path: &str) -> (StatusCode, String, String) {
+    let request = Request::get(path).body(Body::empty()).unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        content_type,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn openapi_and_metrics_routes_serve_their_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, _) = app(&dir).await;
+    let (status, content_type, body) = get(&app, "/openapi.json").await;
+    assert_eq!(status, StatusCode::OK, "/openapi.json should answer 200");
+    assert!(
+        content_type.starts_with("application/json"),
+        "/openapi.json should be JSON: {content_type}"
+    );
+    assert_eq!(
+        body,
+        api_notify::api::openapi_json(),
+        "/openapi.json should serve the generated document"
+    );
+
+    let (code, _) = call(&app, "application/json", GOOD).await;
+    assert_eq!(
+        code,
+        StatusCode::ACCEPTED,
+        "a good notification is accepted"
+    );
+    let (status, content_type, body) = get(&app, "/metrics").await;
+    assert_eq!(status, StatusCode::OK, "/metrics should answer 200");
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "/metrics should use the Prometheus text format: {content_type}"
+    );
+    assert!(
+        body.contains("api_notify_ingest_requests_total{outcome=\"accepted\"} 1"),
+        "the accepted ingest should be counted: {body}"
+    );
+}
