@@ -95,6 +95,25 @@ pub struct ApiConfig {
     pub max_request_bytes: usize,
     /// How long ingest waits for the queue to acknowledge before answering 503.
     pub queue_timeout_ms: u64,
+    /// Bearer tokens; none means the API is open, which is allowed only on loopback.
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// One API token, as `[[api.tokens]]`. Only the token's hash is configured
+/// (`api-notify token new` prints both).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it, for logs.
+    pub name: String,
+    /// Hex SHA-256 of the token.
+    pub sha256: String,
+    /// Partner ids the token may use; `["*"]` for all.
+    #[serde(default)]
+    pub partners: Vec<String>,
+    /// May call operator routes (replay, partner state).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 /// The store.
@@ -171,6 +190,7 @@ impl Default for ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_request_bytes: 1024 * 1024,
             queue_timeout_ms: 5_000,
+            tokens: Vec::new(),
         }
     }
 }
@@ -319,6 +339,23 @@ impl Config {
             "dispatch.lease_secs ({} s) must exceed outbound.request_timeout_ms + \
              outbound.connect_timeout_ms so that two workers never post the same row at once",
             d.lease_secs
+        );
+        for (i, t) in self.api.tokens.iter().enumerate() {
+            anyhow::ensure!(
+                t.sha256.len() == 64 && t.sha256.bytes().all(|b| b.is_ascii_hexdigit()),
+                "api.tokens[{i}].sha256 must be 64 hex digits (the SHA-256 of the token)"
+            );
+            anyhow::ensure!(
+                t.admin || !t.partners.is_empty(),
+                "api.tokens[{i}] ({}) allows no partner and is not admin",
+                t.name
+            );
+        }
+        anyhow::ensure!(
+            !self.api.tokens.is_empty() || self.api.listen.ip().is_loopback(),
+            "api.tokens is empty, so the API would be open to anyone on {}: add tokens \
+             (api-notify token new) or listen on a loopback address",
+            self.api.listen
         );
         for id in self.partners.keys() {
             let p = self.partner(id);

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::api::{AppState, router};
 use crate::config::Config;
@@ -136,7 +136,11 @@ pub async fn run(
             guard: AddressGuard::new(config.outbound.allow_cidrs.clone()),
             max_request_bytes: config.api.max_request_bytes,
             config: config.clone(),
+            tokens: crate::api::auth::Tokens::new(&config.api.tokens),
         });
+        if state.tokens.is_open() {
+            warn!("authentication is off (no api.tokens): the API accepts anyone on loopback");
+        }
         info!(address = %listener.local_addr()?, mode = mode(&config), "API listening");
         let app = router(state);
         let stop = shutdown.clone();

@@ -3,11 +3,12 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
+use super::auth::Caller;
 use super::{ApiError, AppState};
 use crate::config::PartnerSettings;
 use crate::model::now_ms;
@@ -69,8 +70,10 @@ fn store_down(e: &anyhow::Error) -> ApiError {
 /// `POST /v1/notifications/{request_id}/replay`
 pub(super) async fn replay_one(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(request_id): Path<String>,
 ) -> Result<(StatusCode, Json<ReplayOut>), ApiError> {
+    caller.check_admin()?;
     match state
         .store
         .replay(&request_id, now_ms())
@@ -100,8 +103,10 @@ pub(super) async fn replay_one(
 /// `POST /v1/replays`
 pub(super) async fn replay_range(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<ReplayRangeOut>), ApiError> {
+    caller.check_admin()?;
     let input: ReplayRangeIn = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?;
     if input.state != "dead" && input.state != "delivered" {
@@ -143,8 +148,10 @@ fn invalid(field: &str, message: &str) -> ApiError {
 /// `GET /v1/partners/{partner_id}`
 pub(super) async fn partner(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(partner_id): Path<String>,
 ) -> Result<Json<PartnerOut>, ApiError> {
+    caller.check_admin()?;
     let notifications = state
         .store
         .partner_counts(&partner_id)

@@ -5,6 +5,7 @@
 //! socket.
 
 mod admin;
+pub mod auth;
 mod error;
 mod handlers;
 
@@ -15,6 +16,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware;
 use axum::routing::{get, post};
 use tower_http::trace::TraceLayer;
 
@@ -34,12 +36,13 @@ pub struct AppState {
     pub max_request_bytes: usize,
     /// For partner settings in operator answers.
     pub config: crate::config::Config,
+    pub tokens: auth::Tokens,
 }
 
 /// All routes.
 pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = state.max_request_bytes;
-    Router::new()
+    let v1 = Router::new()
         .route("/v1/notifications", post(handlers::create))
         .route("/v1/notifications/{request_id}", get(handlers::status))
         .route(
@@ -48,6 +51,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/replays", post(admin::replay_range))
         .route("/v1/partners/{partner_id}", get(admin::partner))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require));
+    Router::new()
+        .merge(v1)
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .layer(DefaultBodyLimit::max(body_limit))
