@@ -361,12 +361,14 @@ async fn post_json(
     Ok(())
 }
 
-async fn status(url: &str, request_id: &str) -> anyhow::Result<()> {
+async fn status(client: &reqwest::Client, url: &str, request_id: &str) -> anyhow::Result<()> {
     let endpoint = format!(
         "{}/v1/notifications/{request_id}",
         url.trim_end_matches('/')
     );
-    let response = reqwest::get(&endpoint)
+    let response = client
+        .get(&endpoint)
+        .send()
         .await
         .with_context(|| format!("asking {endpoint}"))?;
     let status = response.status();
