@@ -1,6 +1,9 @@
 # api-notify container image.
 #   docker build -t api-notify .
-#   docker run --rm -p 8080:8080 api-notify            # embedded mode, SQLite in /var/lib/api-notify
+#   docker run --rm -p 8080:8080 \
+#     -e API_NOTIFY__API__TOKENS='[{name = "me", sha256 = "<hex>", partners = ["*"]}]' api-notify
+# runs embedded mode (SQLite in /var/lib/api-notify). The image listens on 0.0.0.0, so the API
+# needs tokens (`api-notify token new` makes one); without them the gateway refuses to start.
 # examples/compose.yaml runs the production path (Kafka, MySQL 8) with this image.
 
 # Build stage: librdkafka is compiled from source by rdkafka-sys, which needs a C toolchain.

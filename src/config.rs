@@ -98,6 +98,25 @@ pub struct ApiConfig {
     pub max_request_bytes: usize,
     /// How long ingest waits for the queue to acknowledge before answering 503.
     pub queue_timeout_ms: u64,
+    /// Bearer tokens; none means the API is open, which is allowed only on loopback.
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// One API token, as `[[api.tokens]]`. Only the token's hash is configured
+/// (`api-notify token new` prints both).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it, for logs.
+    pub name: String,
+    /// Hex SHA-256 of the token.
+    pub sha256: String,
+    /// Partner ids the token may use; `["*"]` for all.
+    #[serde(default)]
+    pub partners: Vec<String>,
+    /// May call operator routes (replay, partner state).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 /// The store.
@@ -183,6 +202,7 @@ impl Default for ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_request_bytes: 1024 * 1024,
             queue_timeout_ms: 5_000,
+            tokens: Vec::new(),
         }
     }
 }

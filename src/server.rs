@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::api::{AppState, router};
 use crate::config::Config;
@@ -150,6 +150,7 @@ pub async fn run(
             max_request_bytes: config.api.max_request_bytes,
             metrics: metrics.clone(),
             config: config.clone(),
+            tokens: crate::api::auth::Tokens::new(&config.api.tokens),
         });
         let refresher =
             metrics::run_backlog_refresh(metrics.clone(), store.clone(), refresh, shutdown.clone());
@@ -157,6 +158,9 @@ pub async fn run(
             refresher.await;
             ("metrics", Ok(()))
         });
+        if state.tokens.is_open() {
+            warn!("authentication is off (no api.tokens): the API accepts anyone on loopback");
+        }
         info!(address = %listener.local_addr()?, mode = mode(&config), "API listening");
         let app = router(state);
         let stop = shutdown.clone();

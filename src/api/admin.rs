@@ -3,11 +3,12 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
+use super::auth::Caller;
 use super::error::ErrorBody;
 use super::{ApiError, AppState};
 use crate::config::PartnerSettings;
@@ -76,14 +77,19 @@ fn store_down(e: &anyhow::Error) -> ApiError {
         (status = 202, description = "Replay scheduled", body = ReplayOut),
         (status = 404, description = "No notification with this request_id", body = ErrorBody),
         (status = 409, description = "Still pending or in flight", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "Token not allowed here", body = ErrorBody),
         (status = 503, description = "The store is not reachable", body = ErrorBody),
     ),
-    tag = "operations"
+    tag = "operations",
+    security(("bearer" = []))
 )]
 pub(super) async fn replay_one(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(request_id): Path<String>,
 ) -> Result<(StatusCode, Json<ReplayOut>), ApiError> {
+    caller.check_admin()?;
     match state
         .store
         .replay(&request_id, now_ms())
@@ -118,14 +124,19 @@ pub(super) async fn replay_one(
     responses(
         (status = 202, description = "Replays scheduled", body = ReplayRangeOut),
         (status = 400, description = "Invalid range", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "Token not allowed here", body = ErrorBody),
         (status = 503, description = "The store is not reachable", body = ErrorBody),
     ),
-    tag = "operations"
+    tag = "operations",
+    security(("bearer" = []))
 )]
 pub(super) async fn replay_range(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<ReplayRangeOut>), ApiError> {
+    caller.check_admin()?;
     let input: ReplayRangeIn = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?;
     if input.state != "dead" && input.state != "delivered" {
@@ -171,14 +182,19 @@ fn invalid(field: &str, message: &str) -> ApiError {
     params(("partner_id" = String, Path, description = "The partner id")),
     responses(
         (status = 200, description = "The partner's view", body = PartnerOut),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "Token not allowed here", body = ErrorBody),
         (status = 503, description = "The store is not reachable", body = ErrorBody),
     ),
-    tag = "operations"
+    tag = "operations",
+    security(("bearer" = []))
 )]
 pub(super) async fn partner(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(partner_id): Path<String>,
 ) -> Result<Json<PartnerOut>, ApiError> {
+    caller.check_admin()?;
     let notifications = state
         .store
         .partner_counts(&partner_id)

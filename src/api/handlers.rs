@@ -6,13 +6,14 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Serialize;
 use serde_json::json;
 use tracing::{error, warn};
 
+use super::auth::Caller;
 use super::error::ErrorBody;
 use super::{ApiError, AppState};
 use crate::metrics::{self, IngestOutcome};
@@ -47,6 +48,8 @@ type IngestAnswer = Result<(StatusCode, Json<AcceptedOut>), ApiError>;
         (status = 202, description = "Accepted: the queue acknowledged it", body = AcceptedOut),
         (status = 200, description = "Already accepted with the same content", body = AcceptedOut),
         (status = 400, description = "Malformed or invalid", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "Token not allowed for this partner", body = ErrorBody),
         (status = 409, description = "request_id reused with other content", body = ErrorBody),
         (status = 413, description = "Body or a field too large", body = ErrorBody),
         (status = 415, description = "Not sent as application/json", body = ErrorBody),
@@ -54,14 +57,16 @@ type IngestAnswer = Result<(StatusCode, Json<AcceptedOut>), ApiError>;
         (status = 503, description = "The queue did not acknowledge; retry with the same \
             request_id after Retry-After", body = ErrorBody),
     ),
-    tag = "notifications"
+    tag = "notifications",
+    security(("bearer" = []))
 )]
 pub(super) async fn create(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> IngestAnswer {
-    let answer = ingest(&state, &headers, body).await;
+    let answer = ingest(&state, &caller, &headers, body).await;
     let outcome = match &answer {
         Ok((StatusCode::OK, _)) => IngestOutcome::Duplicate,
         Ok(_) => IngestOutcome::Accepted,
@@ -75,6 +80,7 @@ pub(super) async fn create(
 
 async fn ingest(
     state: &AppState,
+    caller: &Caller,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> IngestAnswer {
@@ -87,6 +93,7 @@ async fn ingest(
         )
     })?;
     let notification = parse_notification(&body, &state.limits, &state.guard)?;
+    caller.check_partner(&notification.partner_id)?;
     let request_id = notification.request_id.clone();
     tracing::Span::current().record("request_id", request_id.as_str());
     let answer = |status, id: String, duplicate| {
@@ -157,17 +164,24 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     responses(
         (status = 200, description = "Found", body = NotificationStatus),
         (status = 404, description = "No notification with this request_id", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "Token not allowed here", body = ErrorBody),
         (status = 503, description = "The store is not reachable", body = ErrorBody),
     ),
-    tag = "notifications"
+    tag = "notifications",
+    security(("bearer" = []))
 )]
 pub(super) async fn status(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(request_id): Path<String>,
 ) -> Result<Json<NotificationStatus>, ApiError> {
     tracing::Span::current().record("request_id", request_id.as_str());
     match state.store.status(&request_id).await {
-        Ok(Some(status)) => Ok(Json(status)),
+        Ok(Some(status)) => {
+            caller.check_partner(&status.partner_id)?;
+            Ok(Json(status))
+        }
         Ok(None) => Err(ApiError::not_found(format!(
             "no notification with request_id {request_id}"
         ))),

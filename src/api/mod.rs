@@ -5,6 +5,7 @@
 //! socket.
 
 mod admin;
+pub mod auth;
 mod error;
 mod handlers;
 mod openapi;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware;
 use axum::routing::{get, post};
 use tower_http::trace::TraceLayer;
 
@@ -38,12 +40,13 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// For partner settings in operator answers.
     pub config: crate::config::Config,
+    pub tokens: auth::Tokens,
 }
 
 /// All routes.
 pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = state.max_request_bytes;
-    Router::new()
+    let v1 = Router::new()
         .route("/v1/notifications", post(handlers::create))
         .route("/v1/notifications/{request_id}", get(handlers::status))
         .route(
@@ -52,6 +55,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/replays", post(admin::replay_range))
         .route("/v1/partners/{partner_id}", get(admin::partner))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require));
+    Router::new()
+        .merge(v1)
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/metrics", get(handlers::metrics))

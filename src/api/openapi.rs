@@ -2,7 +2,8 @@
 //! wire types' `ToSchema` derives. `docs/openapi.json` is a committed copy that a test keeps
 //! identical to [`openapi_json`]; regenerate it as that test's failure message says.
 
-use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
 
 use super::admin::{self, PartnerOut, ReplayOut, ReplayRangeIn, ReplayRangeOut};
 use super::error::{ErrorBody, ErrorOut};
@@ -45,12 +46,24 @@ use crate::store::{AttemptOut, NotificationStatus, PartnerCounts};
         PartnerCounts,
         PartnerSettings
     )),
+    modifiers(&BearerAuth),
     tags(
         (name = "notifications", description = "Ingest and status"),
         (name = "operations", description = "Health, readiness, metrics, replays, partners"),
     )
 )]
 pub struct ApiDoc;
+
+/// Declares the `bearer` scheme that the notification and operator routes require.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let scheme = HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build();
+        components.add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
 
 /// The document as pretty-printed JSON with a final newline, as committed in `docs/`.
 pub fn openapi_json() -> String {

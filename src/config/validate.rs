@@ -45,6 +45,28 @@ fn api_and_database(config: &Config, rules: &mut Rules) {
     rules.at_least("api.max_request_bytes", api.max_request_bytes as u64, 1024);
     rules.at_least("api.queue_timeout_ms", api.queue_timeout_ms, 1);
 
+    for (i, token) in api.tokens.iter().enumerate() {
+        let key = format!("api.tokens[{i}]");
+        let hex = token.sha256.len() == 64 && token.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+        rules.check(hex, &format!("{key}.sha256"), || {
+            "must be 64 hex digits, the SHA-256 of the token (api-notify token new)".into()
+        });
+        rules.check(token.admin || !token.partners.is_empty(), &key, || {
+            format!("({}) must allow a partner or be admin", token.name)
+        });
+    }
+    rules.check(
+        !api.tokens.is_empty() || api.listen.ip().is_loopback(),
+        "api.tokens",
+        || {
+            format!(
+                "must not be empty when api.listen ({}) is not a loopback address, or anyone \
+                 could call the API: add tokens (api-notify token new) or listen on loopback",
+                api.listen
+            )
+        },
+    );
+
     let url = config.database.url.expose();
     let known = ["sqlite:", "mysql:", "mariadb:"];
     rules.check(

@@ -149,3 +149,38 @@ fn dockerfile_runs_the_binary_as_a_non_root_user() {
         .count();
     assert!(stages >= 2, "the Dockerfile should be multi-stage");
 }
+
+#[test]
+fn compose_gateway_environment_is_a_valid_configuration() {
+    let compose: serde_yaml::Value =
+        serde_yaml::from_str(&read("examples/compose.yaml")).expect("compose.yaml is valid YAML");
+    let environment = compose["services"]["gateway"]["environment"]
+        .as_mapping()
+        .expect("the gateway service has an environment mapping");
+    let mut check = std::process::Command::new(env!("CARGO_BIN_EXE_api-notify"));
+    check.args(["config", "check"]);
+    for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("API_NOTIFY__")) {
+        check.env_remove(name);
+    }
+    for (name, value) in environment {
+        let (Some(name), Some(value)) = (name.as_str(), value.as_str()) else {
+            panic!("environment entries should be strings: {name:?} = {value:?}");
+        };
+        check.env(name, value);
+    }
+    let out = check.output().expect("run api-notify config check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the compose gateway's environment should pass config check: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("[kafka]") && stdout.contains("[[api.tokens]]"),
+        "the compose gateway should run in Kafka mode with a token: {stdout}"
+    );
+    assert!(
+        !stdout.contains("compose-demo-only"),
+        "config check should redact the compose database password: {stdout}"
+    );
+}
