@@ -63,7 +63,8 @@ pub struct PartnerOut {
     pub settings: PartnerSettings,
 }
 
-fn store_down(e: &anyhow::Error) -> ApiError {
+fn store_down(state: &AppState, e: &anyhow::Error) -> ApiError {
+    state.metrics.database_error("admin");
     error!(error = %e, "store error in an operator route");
     ApiError::unavailable("the store is not reachable")
 }
@@ -94,7 +95,7 @@ pub(super) async fn replay_one(
         .store
         .replay(&request_id, now_ms())
         .await
-        .map_err(|e| store_down(&e))?
+        .map_err(|e| store_down(&state, &e))?
     {
         ReplayOutcome::Scheduled { id } => {
             info!(request_id, notification_id = %id, "replay scheduled");
@@ -163,7 +164,7 @@ pub(super) async fn replay_range(
         .store
         .replay_range(&range, now_ms())
         .await
-        .map_err(|e| store_down(&e))?;
+        .map_err(|e| store_down(&state, &e))?;
     info!(partner_id = %range.partner_id, scheduled, "range replay scheduled");
     Ok((StatusCode::ACCEPTED, Json(ReplayRangeOut { scheduled })))
 }
@@ -199,12 +200,12 @@ pub(super) async fn partner(
         .store
         .partner_counts(&partner_id)
         .await
-        .map_err(|e| store_down(&e))?;
+        .map_err(|e| store_down(&state, &e))?;
     let breaker = state
         .store
         .breaker(&partner_id)
         .await
-        .map_err(|e| store_down(&e))?;
+        .map_err(|e| store_down(&state, &e))?;
     let (breaker, breaker_changed_at_ms) = match breaker {
         Some((b, at)) => (b, Some(at)),
         None => ("closed".to_string(), None),

@@ -5,6 +5,10 @@
 //! is committed to the database, so a crash replays records (deduplicated by the unique
 //! `request_id`) and never skips one. Delivery to partners never runs inside this loop: a slow
 //! partner cannot stall a partition or cause a rebalance.
+//!
+//! Each batch the intake stores runs in an `intake_batch` span naming the topic and, per
+//! partition, the first and last offset, so a log line about a failed insert says which records
+//! it concerns. Consumer lag comes from librdkafka's statistics callback (`LagContext`).
 
 use std::sync::Arc;
 use std::time::Duration;
