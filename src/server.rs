@@ -135,7 +135,9 @@ pub async fn run(
         tasks.spawn(async move { ("dispatch", run.await) });
     }
 
-    if roles.api {
+    if !roles.api {
+        drop(listener); // never leave a socket accepting connections nobody serves
+    } else {
         let listener = match listener {
             Some(l) => l,
             None => TcpListener::bind(config.api.listen)
