@@ -1,1 +1,2 @@
 //! api-notify library.
+pub mod plugin;
