@@ -48,7 +48,8 @@ pub async fn plugin_check(
     };
 
     let registry = Arc::new(Registry::new(config, Arc::new(super::system_time_ms))?);
-    let wasm = std::fs::read(&wasm_path).with_context(|| format!("reading {}", wasm_path.display()))?;
+    let wasm =
+        std::fs::read(&wasm_path).with_context(|| format!("reading {}", wasm_path.display()))?;
     let manifest = read_manifest(manifest_path.as_deref())?;
     let loaded = registry
         .load_bytes(&partner_id, &wasm, &manifest)
@@ -70,7 +71,11 @@ fn plugin_files(path: &Path) -> (PathBuf, Option<PathBuf>) {
 }
 
 fn default_partner(path: &Path) -> String {
-    let dir = if path.is_dir() { Some(path) } else { path.parent() };
+    let dir = if path.is_dir() {
+        Some(path)
+    } else {
+        path.parent()
+    };
     let name = dir.and_then(Path::file_name).and_then(|name| name.to_str());
     name.unwrap_or("check").to_owned()
 }
@@ -79,14 +84,16 @@ fn read_manifest(path: Option<&Path>) -> anyhow::Result<PluginManifest> {
     let Some(path) = path.filter(|path| path.is_file()) else {
         return Ok(PluginManifest::default());
     };
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     PluginManifest::parse(&text).with_context(|| format!("{}", path.display()))
 }
 
 fn read_request(file: &Path, partner_id: &str) -> anyhow::Result<OutboundRequest> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let sample: SampleRequest =
-        serde_json::from_str(&text).with_context(|| format!("{}: not a request", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let sample: SampleRequest = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a request", file.display()))?;
     let body = match &sample.body_base64 {
         Some(encoded) => base64::engine::general_purpose::STANDARD
             .decode(encoded)

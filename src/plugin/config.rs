@@ -147,14 +147,22 @@ impl Limits {
         Ok(Self {
             timeout_ms: lower("timeout_ms", self.timeout_ms, overrides.timeout_ms)?,
             memory_bytes: lower("memory_bytes", self.memory_bytes, overrides.memory_bytes)?,
-            max_body_bytes: lower("max_body_bytes", self.max_body_bytes, overrides.max_body_bytes)?,
+            max_body_bytes: lower(
+                "max_body_bytes",
+                self.max_body_bytes,
+                overrides.max_body_bytes,
+            )?,
             max_headers: lower("max_headers", self.max_headers, overrides.max_headers)?,
             ..self
         })
     }
 }
 
-fn lower<N: Copy + PartialOrd + fmt::Display>(name: &str, host: N, wanted: Option<N>) -> anyhow::Result<N> {
+fn lower<N: Copy + PartialOrd + fmt::Display>(
+    name: &str,
+    host: N,
+    wanted: Option<N>,
+) -> anyhow::Result<N> {
     match wanted {
         None => Ok(host),
         Some(value) if value <= host => Ok(value),
@@ -207,21 +215,43 @@ mod tests {
         let config: PluginsConfig = toml::from_str(text).expect("a valid [plugins] table parses");
 
         assert_eq!(config.timeout_ms, 50, "timeout_ms should default to 50");
-        assert_eq!(config.memory_bytes, 32 << 20, "memory_bytes should default to 32 MiB");
-        assert!(config.keys.contains_key("acme-signing"), "the key should be read by name");
+        assert_eq!(
+            config.memory_bytes,
+            32 << 20,
+            "memory_bytes should default to 32 MiB"
+        );
+        assert!(
+            config.keys.contains_key("acme-signing"),
+            "the key should be read by name"
+        );
     }
 
     #[test]
     fn host_config_rejects_unknown_fields() {
         let parsed = toml::from_str::<PluginsConfig>("timeout = 5");
-        assert!(parsed.is_err(), "a misspelt setting should be an error, not ignored");
+        assert!(
+            parsed.is_err(),
+            "a misspelt setting should be an error, not ignored"
+        );
     }
 
     #[test]
     fn secret_debug_and_display_are_redacted() {
-        let key = KeyConfig { hmac_secret: Some(Secret::new("whsec_topsecret")), ..Default::default() };
-        let shown = format!("{key:?} {}", key.hmac_secret.as_ref().map(ToString::to_string).unwrap_or_default());
-        assert!(!shown.contains("topsecret"), "secret text must not be shown: {shown}");
+        let key = KeyConfig {
+            hmac_secret: Some(Secret::new("whsec_topsecret")),
+            ..Default::default()
+        };
+        let shown = format!(
+            "{key:?} {}",
+            key.hmac_secret
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        );
+        assert!(
+            !shown.contains("topsecret"),
+            "secret text must not be shown: {shown}"
+        );
     }
 
     #[test]
@@ -230,16 +260,32 @@ mod tests {
         let lower = PluginManifest::parse("[limits]\ntimeout_ms = 20").expect("manifest parses");
         let higher = PluginManifest::parse("[limits]\ntimeout_ms = 2000").expect("manifest parses");
 
-        let lowered = host.lowered_by(&lower.limits).expect("lowering a limit is allowed");
-        assert_eq!(lowered.timeout_ms, 20, "the plugin's lower timeout should apply");
-        assert!(host.lowered_by(&higher.limits).is_err(), "raising a limit should be refused");
+        let lowered = host
+            .lowered_by(&lower.limits)
+            .expect("lowering a limit is allowed");
+        assert_eq!(
+            lowered.timeout_ms, 20,
+            "the plugin's lower timeout should apply"
+        );
+        assert!(
+            host.lowered_by(&higher.limits).is_err(),
+            "raising a limit should be refused"
+        );
     }
 
     #[test]
     fn manifest_reads_keys_and_config() {
         let text = "keys = [\"a\", \"b\"]\n[config]\nkeys = \"a b\"\n";
         let manifest = PluginManifest::parse(text).expect("manifest parses");
-        assert_eq!(manifest.keys, ["a", "b"], "granted key names should be read in order");
-        assert_eq!(manifest.config.get("keys").map(String::as_str), Some("a b"), "config value read");
+        assert_eq!(
+            manifest.keys,
+            ["a", "b"],
+            "granted key names should be read in order"
+        );
+        assert_eq!(
+            manifest.config.get("keys").map(String::as_str),
+            Some("a b"),
+            "config value read"
+        );
     }
 }

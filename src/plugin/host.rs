@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use wasmtime::ResourceLimiter;
 
-use super::keys::{Grant, HmacAlgorithm};
 use super::config::Limits;
+use super::keys::{Grant, HmacAlgorithm};
 use super::runtime::Clock;
 
 /// Bindings generated from `wit/plugin.wit`.
@@ -83,7 +83,12 @@ impl CallState {
         Ok(())
     }
 
-    fn hmac(&mut self, algorithm: HmacAlgorithm, key_name: &str, data: &[u8]) -> Result<Vec<u8>, String> {
+    fn hmac(
+        &mut self,
+        algorithm: HmacAlgorithm,
+        key_name: &str,
+        data: &[u8],
+    ) -> Result<Vec<u8>, String> {
         self.spend_sign_call()?;
         self.capabilities.grant.hmac(algorithm, key_name, data)
     }
@@ -129,7 +134,10 @@ fn clean_log_line(message: &str) -> String {
     while !message.is_char_boundary(end) {
         end -= 1;
     }
-    message[..end].chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    message[..end]
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 fn emit(level: Level, line: &str) {
@@ -143,7 +151,12 @@ fn emit(level: Level, line: &str) {
 }
 
 impl ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.max_bytes {
             self.hit = true;
             return Ok(false);
@@ -151,7 +164,12 @@ impl ResourceLimiter for MemoryCap {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }
@@ -165,16 +183,34 @@ mod tests {
         let long = format!("a\nb\r{}", "é".repeat(MAX_LOG_LINE_BYTES));
         let line = clean_log_line(&long);
 
-        assert!(line.len() <= MAX_LOG_LINE_BYTES, "a line should be cut to the maximum length");
-        assert!(!line.contains('\n') && !line.contains('\r'), "control characters should be replaced");
+        assert!(
+            line.len() <= MAX_LOG_LINE_BYTES,
+            "a line should be cut to the maximum length"
+        );
+        assert!(
+            !line.contains('\n') && !line.contains('\r'),
+            "control characters should be replaced"
+        );
     }
 
     #[test]
     fn memory_cap_refuses_growth_past_the_limit_and_remembers_it() {
-        let mut cap = MemoryCap { max_bytes: 1 << 20, hit: false };
+        let mut cap = MemoryCap {
+            max_bytes: 1 << 20,
+            hit: false,
+        };
 
-        assert!(cap.memory_growing(0, 1 << 20, None).unwrap_or(false), "growth up to the cap is allowed");
-        assert!(!cap.memory_growing(0, 2 << 20, None).unwrap_or(true), "growth past the cap is refused");
-        assert!(cap.hit, "the refusal should be recorded as a memory limit hit");
+        assert!(
+            cap.memory_growing(0, 1 << 20, None).unwrap_or(false),
+            "growth up to the cap is allowed"
+        );
+        assert!(
+            !cap.memory_growing(0, 2 << 20, None).unwrap_or(true),
+            "growth past the cap is refused"
+        );
+        assert!(
+            cap.hit,
+            "the refusal should be recorded as a memory limit hit"
+        );
     }
 }

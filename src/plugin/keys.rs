@@ -57,7 +57,8 @@ impl KeyRing {
     pub fn from_config(keys: &BTreeMap<String, KeyConfig>) -> anyhow::Result<Self> {
         let mut ring = Self::default();
         for (name, config) in keys {
-            let key = Key::parse(config).map_err(|e| anyhow::anyhow!("plugins.keys.{name}: {e}"))?;
+            let key =
+                Key::parse(config).map_err(|e| anyhow::anyhow!("plugins.keys.{name}: {e}"))?;
             ring.keys.insert(name.clone(), Arc::new(key));
         }
         Ok(ring)
@@ -68,7 +69,9 @@ impl KeyRing {
         let mut grant = Grant::default();
         for name in names {
             let key = self.keys.get(name).ok_or_else(|| {
-                anyhow::anyhow!("key `{name}` is granted in plugin.toml but not configured in [plugins.keys]")
+                anyhow::anyhow!(
+                    "key `{name}` is granted in plugin.toml but not configured in [plugins.keys]"
+                )
             })?;
             grant.keys.insert(name.clone(), Arc::clone(key));
         }
@@ -114,7 +117,12 @@ fn parse_ed25519(seed: &str) -> Result<SigningKey, String> {
 
 impl Grant {
     /// HMAC of `data` with the granted key `name`.
-    pub fn hmac(&self, algorithm: HmacAlgorithm, name: &str, data: &[u8]) -> Result<Vec<u8>, String> {
+    pub fn hmac(
+        &self,
+        algorithm: HmacAlgorithm,
+        name: &str,
+        data: &[u8],
+    ) -> Result<Vec<u8>, String> {
         let Key::Hmac(secret) = self.key(name)? else {
             return Err(format!("key `{name}` is not an HMAC key"));
         };
@@ -148,13 +156,17 @@ fn mac<M: Mac + hmac::digest::KeyInit>(secret: &[u8], data: &[u8]) -> Vec<u8> {
 
 impl fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyRing").field("names", &self.keys.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("KeyRing")
+            .field("names", &self.keys.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
 impl fmt::Debug for Grant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Grant").field("names", &self.keys.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("Grant")
+            .field("names", &self.keys.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -166,7 +178,10 @@ mod tests {
     const SPEC_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
     fn hmac_config(secret: &str) -> BTreeMap<String, KeyConfig> {
-        let key = KeyConfig { hmac_secret: Some(Secret::new(secret)), ed25519_seed: None };
+        let key = KeyConfig {
+            hmac_secret: Some(Secret::new(secret)),
+            ed25519_seed: None,
+        };
         BTreeMap::from([("k".to_owned(), key)])
     }
 
@@ -176,17 +191,30 @@ mod tests {
         let grant = ring.grant(&["k".to_owned()]).expect("k is configured");
         let data = b"msg_p5jXN8AQM9LWM0D4loKWxJek.1614265330.{\"test\": 2432232314}";
 
-        let mac = grant.hmac(HmacAlgorithm::Sha256, "k", data).expect("k is granted");
+        let mac = grant
+            .hmac(HmacAlgorithm::Sha256, "k", data)
+            .expect("k is granted");
         let encoded = base64::engine::general_purpose::STANDARD.encode(mac);
-        assert_eq!(encoded, "g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=", "spec vector should match");
+        assert_eq!(
+            encoded, "g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+            "spec vector should match"
+        );
     }
 
     #[test]
     fn bad_or_short_secrets_are_rejected_at_load() {
-        for secret in ["whsec_not base64!", "whsec_c2hvcnQ=", "", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"] {
+        for secret in [
+            "whsec_not base64!",
+            "whsec_c2hvcnQ=",
+            "",
+            "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        ] {
             let error = KeyRing::from_config(&hmac_config(secret)).err();
             let message = error.map(|e| e.to_string()).unwrap_or_default();
-            assert!(message.starts_with("plugins.keys.k:"), "secret {secret:?} should be refused by name");
+            assert!(
+                message.starts_with("plugins.keys.k:"),
+                "secret {secret:?} should be refused by name"
+            );
         }
     }
 
@@ -194,10 +222,15 @@ mod tests {
     fn errors_and_debug_never_show_key_bytes() {
         let ring = KeyRing::from_config(&hmac_config(SPEC_SECRET)).expect("spec secret is valid");
         let grant = ring.grant(&["k".to_owned()]).expect("k is configured");
-        let wrong_kind = grant.ed25519_sign("k", b"x").expect_err("k is not an Ed25519 key");
+        let wrong_kind = grant
+            .ed25519_sign("k", b"x")
+            .expect_err("k is not an Ed25519 key");
 
         let shown = format!("{ring:?} {grant:?} {wrong_kind}");
-        assert!(!shown.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), "secret text leaked: {shown}");
+        assert!(
+            !shown.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            "secret text leaked: {shown}"
+        );
     }
 
     #[test]
@@ -208,17 +241,35 @@ mod tests {
         let grant = ring.grant(&["k".to_owned()]).expect("k is configured");
 
         let refused = grant.hmac(HmacAlgorithm::Sha256, "other", b"x");
-        assert!(refused.is_err(), "a key held by the host but not granted must not be usable");
-        assert!(ring.grant(&["missing".to_owned()]).is_err(), "granting an unknown key should fail");
+        assert!(
+            refused.is_err(),
+            "a key held by the host but not granted must not be usable"
+        );
+        assert!(
+            ring.grant(&["missing".to_owned()]).is_err(),
+            "granting an unknown key should fail"
+        );
     }
 
     #[test]
     fn ed25519_seed_must_be_32_bytes() {
         let seed = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
-        let good = KeyConfig { hmac_secret: None, ed25519_seed: Some(Secret::new(seed)) };
-        let short = KeyConfig { hmac_secret: None, ed25519_seed: Some(Secret::new("AAAA")) };
+        let good = KeyConfig {
+            hmac_secret: None,
+            ed25519_seed: Some(Secret::new(seed)),
+        };
+        let short = KeyConfig {
+            hmac_secret: None,
+            ed25519_seed: Some(Secret::new("AAAA")),
+        };
 
-        assert!(KeyRing::from_config(&BTreeMap::from([("e".to_owned(), good)])).is_ok(), "32-byte seed");
-        assert!(KeyRing::from_config(&BTreeMap::from([("e".to_owned(), short)])).is_err(), "3-byte seed");
+        assert!(
+            KeyRing::from_config(&BTreeMap::from([("e".to_owned(), good)])).is_ok(),
+            "32-byte seed"
+        );
+        assert!(
+            KeyRing::from_config(&BTreeMap::from([("e".to_owned(), short)])).is_err(),
+            "3-byte seed"
+        );
     }
 }

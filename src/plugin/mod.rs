@@ -122,15 +122,21 @@ impl Plugins {
     }
 
     /// Runs the partner's plugin on `request`; `None` when the partner has no plugin.
-    pub async fn transform(&self, request: OutboundRequest) -> Option<Result<Transformed, PluginError>> {
+    pub async fn transform(
+        &self,
+        request: OutboundRequest,
+    ) -> Option<Result<Transformed, PluginError>> {
         let plugin = self.registry.get(&request.partner_id)?;
-        let span = tracing::info_span!("plugin", partner = %request.partner_id, version = %plugin.version);
+        let span =
+            tracing::info_span!("plugin", partner = %request.partner_id, version = %plugin.version);
         Some(self.run(plugin, request).instrument(span).await)
     }
 
     /// The version serving `partner_id` now, if any.
     pub fn version(&self, partner_id: &str) -> Option<String> {
-        self.registry.get(partner_id).map(|plugin| plugin.version.clone())
+        self.registry
+            .get(partner_id)
+            .map(|plugin| plugin.version.clone())
     }
 
     /// Counters of loads and rejections since start.
@@ -138,7 +144,11 @@ impl Plugins {
         self.registry.stats()
     }
 
-    async fn run(&self, plugin: Arc<Loaded>, request: OutboundRequest) -> Result<Transformed, PluginError> {
+    async fn run(
+        &self,
+        plugin: Arc<Loaded>,
+        request: OutboundRequest,
+    ) -> Result<Transformed, PluginError> {
         let permits = Arc::clone(self.registry.runtime().permits());
         let permit = permits
             .acquire_owned()
@@ -152,11 +162,17 @@ impl Plugins {
             span.in_scope(|| registry.call(&plugin, request))
         })
         .await;
-        joined.unwrap_or_else(|error| Err(PluginError::Unavailable(format!("plugin worker failed: {error}"))))
+        joined.unwrap_or_else(|error| {
+            Err(PluginError::Unavailable(format!(
+                "plugin worker failed: {error}"
+            )))
+        })
     }
 }
 
 fn system_time_ms() -> u64 {
     let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    since_epoch.map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+    since_epoch.map_or(0, |elapsed| {
+        u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+    })
 }

@@ -89,10 +89,22 @@ impl Registry {
     }
 
     /// Runs `loaded` on `request` and checks the output. Blocks the thread.
-    pub(crate) fn call(&self, loaded: &Loaded, request: OutboundRequest) -> Result<Transformed, PluginError> {
-        let output = self.runtime.call(&loaded.prepared, Arc::clone(&loaded.capabilities), &loaded.limits, request.clone())?;
+    pub(crate) fn call(
+        &self,
+        loaded: &Loaded,
+        request: OutboundRequest,
+    ) -> Result<Transformed, PluginError> {
+        let output = self.runtime.call(
+            &loaded.prepared,
+            Arc::clone(&loaded.capabilities),
+            &loaded.limits,
+            request.clone(),
+        )?;
         let checked = validate::check_output(&request, output, &loaded.limits)?;
-        Ok(Transformed { request: checked, version: loaded.version.clone() })
+        Ok(Transformed {
+            request: checked,
+            version: loaded.version.clone(),
+        })
     }
 
     /// Loads every partner directory present now.
@@ -122,7 +134,10 @@ impl Registry {
     }
 
     /// One poll: drops removed partners, loads settled changes, returns changes still settling.
-    fn poll_once(&self, mut settling: HashMap<String, (Fingerprint, Instant)>) -> HashMap<String, (Fingerprint, Instant)> {
+    fn poll_once(
+        &self,
+        mut settling: HashMap<String, (Fingerprint, Instant)>,
+    ) -> HashMap<String, (Fingerprint, Instant)> {
         let present = scan(&self.config.dir);
         self.drop_removed(&present);
         settling.retain(|partner_id, _| present.contains_key(partner_id));
@@ -148,7 +163,10 @@ impl Registry {
     }
 
     fn last_attempt(&self, partner_id: &str) -> Option<Fingerprint> {
-        let attempted = self.attempted.lock().unwrap_or_else(PoisonError::into_inner);
+        let attempted = self
+            .attempted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         attempted.get(partner_id).copied()
     }
 
@@ -200,21 +218,40 @@ impl Registry {
     /// Reads, compiles and probes the plugin in `dir`.
     pub(crate) fn load_dir(&self, partner_id: &str, dir: &Path) -> anyhow::Result<Loaded> {
         let wasm_path = dir.join("plugin.wasm");
-        let wasm = std::fs::read(&wasm_path).with_context(|| format!("reading {}", wasm_path.display()))?;
+        let wasm = std::fs::read(&wasm_path)
+            .with_context(|| format!("reading {}", wasm_path.display()))?;
         let manifest = read_manifest(&dir.join("plugin.toml"))?;
         self.load_bytes(partner_id, &wasm, &manifest)
             .with_context(|| format!("{}", wasm_path.display()))
     }
 
     /// Compiles and probes `wasm` for `partner_id` with `manifest`.
-    pub(crate) fn load_bytes(&self, partner_id: &str, wasm: &[u8], manifest: &PluginManifest) -> anyhow::Result<Loaded> {
-        let limits = self.config.limits().lowered_by(&manifest.limits).context("plugin.toml")?;
+    pub(crate) fn load_bytes(
+        &self,
+        partner_id: &str,
+        wasm: &[u8],
+        manifest: &PluginManifest,
+    ) -> anyhow::Result<Loaded> {
+        let limits = self
+            .config
+            .limits()
+            .lowered_by(&manifest.limits)
+            .context("plugin.toml")?;
         let grant = self.keys.grant(&manifest.keys).context("plugin.toml")?;
-        let capabilities = Arc::new(Capabilities { grant, config: manifest.config.clone() });
+        let capabilities = Arc::new(Capabilities {
+            grant,
+            config: manifest.config.clone(),
+        });
         let prepared = self.runtime.prepare(wasm)?;
-        let loaded = Loaded { version: version_of(wasm), prepared, capabilities, limits };
+        let loaded = Loaded {
+            version: version_of(wasm),
+            prepared,
+            capabilities,
+            limits,
+        };
 
-        self.call(&loaded, probe_request(partner_id)).context("probe call failed")?;
+        self.call(&loaded, probe_request(partner_id))
+            .context("probe call failed")?;
         Ok(loaded)
     }
 }

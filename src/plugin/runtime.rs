@@ -11,14 +11,14 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use wasmtime::error::Context as _;
 use tokio::sync::Semaphore;
 use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::error::Context as _;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
 use super::config::{Limits, PluginsConfig};
 use super::host::bindings::{self, Plugin, PluginPre};
-use super::host::{Capabilities, CallState};
+use super::host::{CallState, Capabilities};
 use super::{OutboundRequest, PluginError};
 
 /// Host time in milliseconds since the Unix epoch, as handed to plugins.
@@ -67,14 +67,20 @@ impl Runtime {
     pub(crate) fn new(config: &PluginsConfig, clock: Clock) -> anyhow::Result<Self> {
         // One extra slot so loading and probing never wait behind traffic.
         let slots = config.max_concurrent_calls.max(1) + 1;
-        let engine = Engine::new(&engine_config(config, slots)).context("creating the plugin engine")?;
+        let engine =
+            Engine::new(&engine_config(config, slots)).context("creating the plugin engine")?;
         start_ticker(&engine);
 
         let mut linker = Linker::new(&engine);
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state: &mut CallState| state)
             .context("linking host functions")?;
         let permits = Arc::new(Semaphore::new(config.max_concurrent_calls.max(1) as usize));
-        Ok(Self { engine, linker, permits, clock })
+        Ok(Self {
+            engine,
+            linker,
+            permits,
+            clock,
+        })
     }
 
     /// The semaphore every call must hold a permit of.
@@ -84,12 +90,15 @@ impl Runtime {
 
     /// Compiles `wasm`, checks it against the world and pre-instantiates it.
     pub(crate) fn prepare(&self, wasm: &[u8]) -> anyhow::Result<Prepared> {
-        let component = Component::from_binary(&self.engine, wasm).context("not a valid component")?;
+        let component =
+            Component::from_binary(&self.engine, wasm).context("not a valid component")?;
         check_imports(&self.engine, &component)?;
 
         let mut linker = self.linker.clone();
         linker.define_unknown_imports_as_traps(&component)?;
-        let instance_pre = linker.instantiate_pre(&component).context("imports do not match")?;
+        let instance_pre = linker
+            .instantiate_pre(&component)
+            .context("imports do not match")?;
         let pre = PluginPre::new(instance_pre).context("does not export the `plugin` world")?;
         Ok(Prepared { pre })
     }
@@ -132,20 +141,24 @@ fn engine_config(config: &PluginsConfig, slots: u32) -> Config {
         .max_memory_size(usize::try_from(config.memory_bytes).unwrap_or(usize::MAX));
 
     let mut engine = Config::new();
-    engine.epoch_interruption(true).allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    engine
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     engine
 }
 
 /// Advances the engine's epoch every tick until the engine is dropped.
 fn start_ticker(engine: &Engine) {
     let weak = engine.weak();
-    let spawned = thread::Builder::new().name("plugin-epoch".to_owned()).spawn(move || {
-        while let Some(engine) = weak.upgrade() {
-            engine.increment_epoch();
-            drop(engine);
-            thread::sleep(EPOCH_TICK);
-        }
-    });
+    let spawned = thread::Builder::new()
+        .name("plugin-epoch".to_owned())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                thread::sleep(EPOCH_TICK);
+            }
+        });
     if let Err(error) = spawned {
         tracing::error!(%error, "could not start the plugin epoch ticker; plugin calls have no deadline");
     }
@@ -160,7 +173,10 @@ fn deadline_ticks(timeout_ms: u64) -> u64 {
 fn check_imports(engine: &Engine, component: &Component) -> anyhow::Result<()> {
     let component_type = component.component_type();
     for (name, _) in component_type.imports(engine) {
-        if !ALLOWED_IMPORTS.iter().any(|allowed| name.starts_with(allowed)) {
+        if !ALLOWED_IMPORTS
+            .iter()
+            .any(|allowed| name.starts_with(allowed))
+        {
             anyhow::bail!(
                 "imports `{name}`, which plugins do not get (no files, network, clocks or \
                  environment; use the `host` interface)"
@@ -172,10 +188,14 @@ fn check_imports(engine: &Engine, component: &Component) -> anyhow::Result<()> {
 
 fn classify(error: &wasmtime::Error, memory_limit_hit: bool, limits: &Limits) -> PluginError {
     if memory_limit_hit {
-        return PluginError::MemoryLimit { limit_bytes: limits.memory_bytes };
+        return PluginError::MemoryLimit {
+            limit_bytes: limits.memory_bytes,
+        };
     }
     match error.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => PluginError::Timeout { limit_ms: limits.timeout_ms },
+        Some(Trap::Interrupt) => PluginError::Timeout {
+            limit_ms: limits.timeout_ms,
+        },
         Some(trap) => PluginError::Trap(cut(&trap.to_string())),
         None => PluginError::Trap(cut(&format!("{error:#}"))),
     }
@@ -236,7 +256,10 @@ mod tests {
         let tick_ms = EPOCH_TICK.as_millis() as u64;
         for timeout_ms in [1, 5, 49, 50, 51, 1000] {
             let covered = (deadline_ticks(timeout_ms) - 1) * tick_ms;
-            assert!(covered >= timeout_ms, "{timeout_ms} ms should be covered by whole ticks");
+            assert!(
+                covered >= timeout_ms,
+                "{timeout_ms} ms should be covered by whole ticks"
+            );
         }
     }
 
@@ -244,7 +267,13 @@ mod tests {
     fn error_text_is_cut_on_a_character_boundary() {
         let text = "ü".repeat(MAX_ERROR_TEXT);
         let kept = cut(&text);
-        assert!(kept.len() <= MAX_ERROR_TEXT, "text should be cut to the maximum");
-        assert!(kept.chars().all(|c| c == 'ü'), "no character should be split");
+        assert!(
+            kept.len() <= MAX_ERROR_TEXT,
+            "text should be cut to the maximum"
+        );
+        assert!(
+            kept.chars().all(|c| c == 'ü'),
+            "no character should be split"
+        );
     }
 }

@@ -57,11 +57,15 @@ fn check_method(method: &str) -> Result<(), PluginError> {
     if ALLOWED_METHODS.contains(&method) {
         return Ok(());
     }
-    Err(invalid(format!("method `{}` is not one of POST, PUT, PATCH", super::runtime::cut(method))))
+    Err(invalid(format!(
+        "method `{}` is not one of POST, PUT, PATCH",
+        super::runtime::cut(method)
+    )))
 }
 
 fn check_url(before: &str, after: &str) -> Result<(), PluginError> {
-    let before = Url::parse(before).map_err(|e| invalid(format!("input url does not parse: {e}")))?;
+    let before =
+        Url::parse(before).map_err(|e| invalid(format!("input url does not parse: {e}")))?;
     let after = Url::parse(after).map_err(|e| invalid(format!("url does not parse: {e}")))?;
     let same_target = before.scheme() == after.scheme()
         && before.host_str() == after.host_str()
@@ -71,7 +75,9 @@ fn check_url(before: &str, after: &str) -> Result<(), PluginError> {
     if same_target {
         return Ok(());
     }
-    Err(invalid("url scheme, host, port or credentials changed".to_owned()))
+    Err(invalid(
+        "url scheme, host, port or credentials changed".to_owned(),
+    ))
 }
 
 fn check_headers(headers: &[(String, String)], limits: &Limits) -> Result<(), PluginError> {
@@ -88,16 +94,24 @@ fn check_headers(headers: &[(String, String)], limits: &Limits) -> Result<(), Pl
         total_bytes += (name.len() + value.len()) as u64;
     }
     if total_bytes > limits.max_header_bytes {
-        return Err(invalid(format!("headers of {total_bytes} bytes are over the limit")));
+        return Err(invalid(format!(
+            "headers of {total_bytes} bytes are over the limit"
+        )));
     }
     Ok(())
 }
 
 fn check_header(name: &str, value: &str) -> Result<(), PluginError> {
-    let parsed = HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| invalid(format!("header name `{}` is not valid", name.escape_debug())))?;
+    let parsed = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+        invalid(format!(
+            "header name `{}` is not valid",
+            name.escape_debug()
+        ))
+    })?;
     if HOST_OWNED_HEADERS.contains(&parsed.as_str()) {
-        return Err(invalid(format!("header `{parsed}` is set by the gateway, not by plugins")));
+        return Err(invalid(format!(
+            "header `{parsed}` is set by the gateway, not by plugins"
+        )));
     }
     HeaderValue::from_str(value)
         .map_err(|_| invalid(format!("value of header `{parsed}` is not valid")))?;
@@ -134,11 +148,16 @@ mod tests {
     fn path_and_headers_may_change_and_ids_are_restored() {
         let mut output = request();
         output.url = "https://partner.example:8443/other?x=1".to_owned();
-        output.headers.push(("Webhook-Id".to_owned(), "n".to_owned()));
+        output
+            .headers
+            .push(("Webhook-Id".to_owned(), "n".to_owned()));
         output.notification_id = "forged".to_owned();
 
         let checked = check(output).expect("a new path and a new header are allowed");
-        assert_eq!(checked.notification_id, "n", "the host's notification id should be restored");
+        assert_eq!(
+            checked.notification_id, "n",
+            "the host's notification id should be restored"
+        );
     }
 
     #[test]
@@ -150,37 +169,67 @@ mod tests {
             "https://user:pw@partner.example:8443/hook",
             "not a url",
         ] {
-            let output = OutboundRequest { url: url.to_owned(), ..request() };
-            assert!(check(output).is_err(), "changing the target to {url} should be rejected");
+            let output = OutboundRequest {
+                url: url.to_owned(),
+                ..request()
+            };
+            assert!(
+                check(output).is_err(),
+                "changing the target to {url} should be rejected"
+            );
         }
     }
 
     #[test]
     fn methods_outside_the_allow_list_are_rejected() {
         for method in ["GET", "DELETE", "post", "CONNECT"] {
-            let output = OutboundRequest { method: method.to_owned(), ..request() };
+            let output = OutboundRequest {
+                method: method.to_owned(),
+                ..request()
+            };
             assert!(check(output).is_err(), "method {method} should be rejected");
         }
     }
 
     #[test]
     fn host_owned_and_malformed_headers_are_rejected() {
-        let bad = [("Content-Length", "3"), ("HOST", "evil"), ("Connection", "close"),
-            ("Transfer-Encoding", "chunked"), ("bad name", "x"), ("x:y", "x"), ("x-ok", "a\r\nX-Injected: 1")];
+        let bad = [
+            ("Content-Length", "3"),
+            ("HOST", "evil"),
+            ("Connection", "close"),
+            ("Transfer-Encoding", "chunked"),
+            ("bad name", "x"),
+            ("x:y", "x"),
+            ("x-ok", "a\r\nX-Injected: 1"),
+        ];
         for (name, value) in bad {
             let mut output = request();
             output.headers.push((name.to_owned(), value.to_owned()));
-            assert!(check(output).is_err(), "header {name:?}: {value:?} should be rejected");
+            assert!(
+                check(output).is_err(),
+                "header {name:?}: {value:?} should be rejected"
+            );
         }
     }
 
     #[test]
     fn too_many_headers_or_too_big_a_body_is_rejected() {
         let mut many = request();
-        many.headers = (0..65).map(|i| (format!("x-{i}"), "v".to_owned())).collect();
-        let big = OutboundRequest { body: vec![b'a'; (4 << 20) + 1], ..request() };
+        many.headers = (0..65)
+            .map(|i| (format!("x-{i}"), "v".to_owned()))
+            .collect();
+        let big = OutboundRequest {
+            body: vec![b'a'; (4 << 20) + 1],
+            ..request()
+        };
 
-        assert!(check(many).is_err(), "65 headers should be over the default limit of 64");
-        assert!(check(big).is_err(), "a body over 4 MiB should be over the default limit");
+        assert!(
+            check(many).is_err(),
+            "65 headers should be over the default limit of 64"
+        );
+        assert!(
+            check(big).is_err(),
+            "a body over 4 MiB should be over the default limit"
+        );
     }
 }

@@ -18,7 +18,12 @@ const REJECT_BOUND: Duration = Duration::from_secs(5);
 
 async fn marker(plugins: &Plugins, partner_id: &str) -> Option<String> {
     let transformed = plugins.transform(request(partner_id, 1)).await?.ok()?;
-    transformed.request.headers.into_iter().find(|(name, _)| name == "x-version").map(|(_, value)| value)
+    transformed
+        .request
+        .headers
+        .into_iter()
+        .find(|(name, _)| name == "x-version")
+        .map(|(_, value)| value)
 }
 
 fn start(dir: &PluginDir) -> (Plugins, CancellationToken) {
@@ -36,10 +41,20 @@ async fn a_replaced_plugin_serves_within_half_a_second() {
     let old_version = plugins.version("p").expect("version 1 is loaded");
 
     dir.install("p", &wasm(&wat::echo_version("2")), "");
-    let swapped = eventually(RELOAD_BOUND, async || marker(&plugins, "p").await.as_deref() == Some("2")).await;
+    let swapped = eventually(RELOAD_BOUND, async || {
+        marker(&plugins, "p").await.as_deref() == Some("2")
+    })
+    .await;
 
-    assert!(swapped, "version 2 should serve within {RELOAD_BOUND:?} of the file being complete");
-    assert_ne!(plugins.version("p"), Some(old_version), "the reported version should change with the file");
+    assert!(
+        swapped,
+        "version 2 should serve within {RELOAD_BOUND:?} of the file being complete"
+    );
+    assert_ne!(
+        plugins.version("p"),
+        Some(old_version),
+        "the reported version should change with the file"
+    );
     shutdown.cancel();
 }
 
@@ -49,9 +64,15 @@ async fn removing_the_directory_returns_the_partner_to_plain_delivery() {
     let (plugins, shutdown) = start(&dir);
 
     std::fs::remove_dir_all(dir.partner_dir("p")).expect("the partner directory can be removed");
-    let plain = eventually(RELOAD_BOUND, async || plugins.transform(request("p", 1)).await.is_none()).await;
+    let plain = eventually(RELOAD_BOUND, async || {
+        plugins.transform(request("p", 1)).await.is_none()
+    })
+    .await;
 
-    assert!(plain, "without a plugin directory transform should return None");
+    assert!(
+        plain,
+        "without a plugin directory transform should return None"
+    );
     shutdown.cancel();
 }
 
@@ -64,7 +85,11 @@ async fn a_broken_new_version_is_rejected_and_the_old_one_keeps_serving() {
     let rejected = eventually(REJECT_BOUND, async || plugins.stats().rejected_total == 1).await;
 
     assert!(rejected, "the wrong-world version should be rejected");
-    assert_eq!(marker(&plugins, "p").await.as_deref(), Some("1"), "version 1 should keep serving");
+    assert_eq!(
+        marker(&plugins, "p").await.as_deref(),
+        Some("1"),
+        "version 1 should keep serving"
+    );
     shutdown.cancel();
 }
 
@@ -75,13 +100,24 @@ async fn a_half_written_file_is_rejected_then_the_complete_one_loads() {
     let complete = wasm(&wat::echo_version("2"));
     let path = dir.partner_dir("p").join("plugin.wasm");
 
-    std::fs::write(&path, &complete[..complete.len() / 2]).expect("half the file can be written in place");
+    std::fs::write(&path, &complete[..complete.len() / 2])
+        .expect("half the file can be written in place");
     let rejected = eventually(REJECT_BOUND, async || plugins.stats().rejected_total == 1).await;
-    assert!(rejected, "the half-written file should be rejected once it stopped changing");
-    assert_eq!(marker(&plugins, "p").await.as_deref(), Some("1"), "version 1 should keep serving");
+    assert!(
+        rejected,
+        "the half-written file should be rejected once it stopped changing"
+    );
+    assert_eq!(
+        marker(&plugins, "p").await.as_deref(),
+        Some("1"),
+        "version 1 should keep serving"
+    );
 
     std::fs::write(&path, &complete).expect("the rest of the file can be written");
-    let swapped = eventually(RELOAD_BOUND, async || marker(&plugins, "p").await.as_deref() == Some("2")).await;
+    let swapped = eventually(RELOAD_BOUND, async || {
+        marker(&plugins, "p").await.as_deref() == Some("2")
+    })
+    .await;
     assert!(swapped, "the completed file should be loaded");
     shutdown.cancel();
 }
@@ -92,16 +128,27 @@ async fn no_call_fails_while_a_plugin_is_swapped_under_load() {
     let (plugins, shutdown) = start(&dir);
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicU64::new(0));
-    let load = tokio::spawn(steady_load(plugins.clone(), Arc::clone(&stop), Arc::clone(&failures)));
+    let load = tokio::spawn(steady_load(
+        plugins.clone(),
+        Arc::clone(&stop),
+        Arc::clone(&failures),
+    ));
 
     dir.install("p", &wasm(&wat::echo_version("2")), "");
-    let swapped = eventually(RELOAD_BOUND, async || marker(&plugins, "p").await.as_deref() == Some("2")).await;
+    let swapped = eventually(RELOAD_BOUND, async || {
+        marker(&plugins, "p").await.as_deref() == Some("2")
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     let calls = load.await.expect("the load task should not panic");
 
     assert!(swapped, "version 2 should serve during steady load");
     assert!(calls > 0, "the load task should have made calls");
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "no call should fail during the swap");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "no call should fail during the swap"
+    );
     shutdown.cancel();
 }
 

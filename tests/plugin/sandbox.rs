@@ -11,7 +11,11 @@ use crate::wat;
 const CALL_BOUND: Duration = Duration::from_secs(10);
 
 /// Loads `fixture` for partner `hostile` and a well-behaved plugin for partner `good`.
-fn load_with(fixture: &str, dir: &PluginDir, config: &api_notify::plugin::PluginsConfig) -> Plugins {
+fn load_with(
+    fixture: &str,
+    dir: &PluginDir,
+    config: &api_notify::plugin::PluginsConfig,
+) -> Plugins {
     dir.install("hostile", &wasm(fixture), "");
     dir.install("good", &wasm(&wat::echo_version("good")), "");
     Plugins::load(config).expect("the test config is valid")
@@ -19,16 +23,23 @@ fn load_with(fixture: &str, dir: &PluginDir, config: &api_notify::plugin::Plugin
 
 async fn hostile_call(plugins: &Plugins) -> PluginError {
     let call = plugins.transform(request("hostile", 2));
-    let outcome = tokio::time::timeout(CALL_BOUND, call).await.expect("a plugin call must end");
+    let outcome = tokio::time::timeout(CALL_BOUND, call)
+        .await
+        .expect("a plugin call must end");
     let result = outcome.expect("partner `hostile` should have a plugin loaded");
     result.expect_err("the hostile plugin's call should fail")
 }
 
 async fn assert_good_partner_still_served(plugins: &Plugins) {
     let outcome = plugins.transform(request("good", 2)).await;
-    let transformed = outcome.expect("partner `good` has a plugin").expect("the good plugin works");
-    assert_eq!(transformed.request.headers, [("x-version".to_owned(), "good".to_owned())],
-        "the well-behaved plugin should still run after a hostile one failed");
+    let transformed = outcome
+        .expect("partner `good` has a plugin")
+        .expect("the good plugin works");
+    assert_eq!(
+        transformed.request.headers,
+        [("x-version".to_owned(), "good".to_owned())],
+        "the well-behaved plugin should still run after a hostile one failed"
+    );
 }
 
 #[tokio::test]
@@ -37,7 +48,11 @@ async fn infinite_loop_is_stopped_by_the_deadline() {
     let plugins = load_with(&wat::infinite_loop(false), &dir, &dir.config());
 
     let error = hostile_call(&plugins).await;
-    assert_eq!(error, PluginError::Timeout { limit_ms: 50 }, "the loop should end as a timeout");
+    assert_eq!(
+        error,
+        PluginError::Timeout { limit_ms: 50 },
+        "the loop should end as a timeout"
+    );
     assert_good_partner_still_served(&plugins).await;
 }
 
@@ -46,8 +61,15 @@ async fn a_plugin_that_loops_on_the_probe_is_never_loaded() {
     let dir = PluginDir::new();
     let plugins = load_with(&wat::infinite_loop(true), &dir, &dir.config());
 
-    assert!(plugins.transform(request("hostile", 2)).await.is_none(), "the looping plugin should be rejected at load");
-    assert_eq!(plugins.stats().rejected_total, 1, "the rejection should be counted");
+    assert!(
+        plugins.transform(request("hostile", 2)).await.is_none(),
+        "the looping plugin should be rejected at load"
+    );
+    assert_eq!(
+        plugins.stats().rejected_total,
+        1,
+        "the rejection should be counted"
+    );
 }
 
 #[tokio::test]
@@ -56,19 +78,30 @@ async fn memory_growth_past_the_cap_is_a_memory_limit_error() {
     let plugins = load_with(&wat::memory_bomb(), &dir, &dir.config());
 
     let error = hostile_call(&plugins).await;
-    assert_eq!(error, PluginError::MemoryLimit { limit_bytes: 32 << 20 }, "the bomb should hit the 32 MiB cap");
+    assert_eq!(
+        error,
+        PluginError::MemoryLimit {
+            limit_bytes: 32 << 20
+        },
+        "the bomb should hit the 32 MiB cap"
+    );
     assert_good_partner_still_served(&plugins).await;
 }
 
 #[tokio::test]
 async fn a_100_mib_body_is_rejected() {
     let dir = PluginDir::new();
-    let config = api_notify::plugin::PluginsConfig { memory_bytes: 128 << 20, ..dir.config() };
+    let config = api_notify::plugin::PluginsConfig {
+        memory_bytes: 128 << 20,
+        ..dir.config()
+    };
     let plugins = load_with(&wat::huge_body(), &dir, &config);
 
     let error = hostile_call(&plugins).await;
-    assert!(matches!(&error, PluginError::InvalidOutput(reason) if reason.contains("body")),
-        "a 100 MiB body should be rejected as invalid output, got {error}");
+    assert!(
+        matches!(&error, PluginError::InvalidOutput(reason) if reason.contains("body")),
+        "a 100 MiB body should be rejected as invalid output, got {error}"
+    );
 }
 
 #[tokio::test]
@@ -77,8 +110,15 @@ async fn a_trap_is_a_plugin_error_and_the_gateway_keeps_serving() {
     let plugins = load_with(&wat::trap(), &dir, &dir.config());
 
     let error = hostile_call(&plugins).await;
-    assert!(matches!(error, PluginError::Trap(_)), "unreachable should surface as a trap, got {error}");
-    assert_eq!(PluginError::CLASS, "plugin", "plugin failures should be of attempt class `plugin`");
+    assert!(
+        matches!(error, PluginError::Trap(_)),
+        "unreachable should surface as a trap, got {error}"
+    );
+    assert_eq!(
+        PluginError::CLASS,
+        "plugin",
+        "plugin failures should be of attempt class `plugin`"
+    );
     assert_good_partner_still_served(&plugins).await;
 }
 
@@ -88,7 +128,11 @@ async fn a_guest_error_is_reported_with_its_message() {
     let plugins = load_with(&wat::guest_error(), &dir, &dir.config());
 
     let error = hostile_call(&plugins).await;
-    assert_eq!(error, PluginError::Guest("other: nope".to_owned()), "the guest's own error should be kept");
+    assert_eq!(
+        error,
+        PluginError::Guest("other: nope".to_owned()),
+        "the guest's own error should be kept"
+    );
 }
 
 #[tokio::test]
@@ -97,8 +141,10 @@ async fn a_forbidden_method_is_rejected() {
     let plugins = load_with(&wat::wrong_method(), &dir, &dir.config());
 
     let error = hostile_call(&plugins).await;
-    assert!(matches!(&error, PluginError::InvalidOutput(reason) if reason.contains("GET")),
-        "GET should be refused as output, got {error}");
+    assert!(
+        matches!(&error, PluginError::InvalidOutput(reason) if reason.contains("GET")),
+        "GET should be refused as output, got {error}"
+    );
 }
 
 #[tokio::test]
@@ -110,22 +156,42 @@ async fn wrong_world_missing_export_and_file_imports_are_rejected_at_load() {
     let plugins = Plugins::load(&dir.config()).expect("the test config is valid");
 
     for partner_id in ["wrong-world", "no-export", "wants-files"] {
-        assert!(plugins.version(partner_id).is_none(), "{partner_id} should not be loaded");
+        assert!(
+            plugins.version(partner_id).is_none(),
+            "{partner_id} should not be loaded"
+        );
     }
-    assert_eq!(plugins.stats().rejected_total, 3, "each rejection should be counted");
+    assert_eq!(
+        plugins.stats().rejected_total,
+        3,
+        "each rejection should be counted"
+    );
 }
 
 #[tokio::test]
 async fn a_key_not_granted_is_refused_and_no_key_bytes_leak() {
     let dir = PluginDir::new();
-    dir.install("asker", &wasm(&wat::uses_key("other-key")), "keys = [\"spec\"]\n");
+    dir.install(
+        "asker",
+        &wasm(&wat::uses_key("other-key")),
+        "keys = [\"spec\"]\n",
+    );
     let plugins = Plugins::load(&dir.config()).expect("the test config is valid");
 
-    let outcome = plugins.transform(request("asker", 2)).await.expect("partner `asker` has a plugin");
+    let outcome = plugins
+        .transform(request("asker", 2))
+        .await
+        .expect("partner `asker` has a plugin");
     let error = outcome.expect_err("signing with another partner's key must fail");
     let shown = format!("{error} {error:?}");
-    assert!(shown.contains("`other-key` is not granted"), "the refusal should name the key: {shown}");
-    assert!(!shown.contains(SPEC_SECRET.trim_start_matches("whsec_")), "no secret text in errors: {shown}");
+    assert!(
+        shown.contains("`other-key` is not granted"),
+        "the refusal should name the key: {shown}"
+    );
+    assert!(
+        !shown.contains(SPEC_SECRET.trim_start_matches("whsec_")),
+        "no secret text in errors: {shown}"
+    );
 }
 
 #[tokio::test]
@@ -134,8 +200,14 @@ async fn plugin_check_names_the_file_of_a_broken_plugin() {
     dir.install("broken", &wasm(wat::wrong_world()), "");
     let path = dir.partner_dir("broken").join("plugin.wasm");
 
-    let error = plugin_check(&path, None, None, &dir.config()).await.expect_err("a wrong world fails the check");
-    assert!(format!("{error:#}").contains(&path.display().to_string()), "the error should name {}", path.display());
+    let error = plugin_check(&path, None, None, &dir.config())
+        .await
+        .expect_err("a wrong world fails the check");
+    assert!(
+        format!("{error:#}").contains(&path.display().to_string()),
+        "the error should name {}",
+        path.display()
+    );
 }
 
 #[tokio::test]
@@ -143,7 +215,15 @@ async fn plugin_check_prints_the_transformed_request() {
     let dir = PluginDir::new();
     dir.install("fine", &wasm(&wat::echo_version("7")), "");
 
-    let text = plugin_check(&dir.partner_dir("fine"), None, None, &dir.config()).await.expect("the echo plugin passes");
-    assert!(text.contains("x-version: 7"), "the output should show the plugin's header:\n{text}");
-    assert!(text.contains("partner: fine"), "the partner should default to the directory name:\n{text}");
+    let text = plugin_check(&dir.partner_dir("fine"), None, None, &dir.config())
+        .await
+        .expect("the echo plugin passes");
+    assert!(
+        text.contains("x-version: 7"),
+        "the output should show the plugin's header:\n{text}"
+    );
+    assert!(
+        text.contains("partner: fine"),
+        "the partner should default to the directory name:\n{text}"
+    );
 }

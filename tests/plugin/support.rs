@@ -21,7 +21,9 @@ pub(crate) struct PluginDir {
 
 impl PluginDir {
     pub(crate) fn new() -> Self {
-        Self { root: tempfile::tempdir().expect("a temporary directory can be created") }
+        Self {
+            root: tempfile::tempdir().expect("a temporary directory can be created"),
+        }
     }
 
     /// The gateway config for this directory: test keys, fast polling.
@@ -30,7 +32,13 @@ impl PluginDir {
             ("spec".to_owned(), hmac_key(SPEC_SECRET)),
             ("rotated".to_owned(), hmac_key(ROTATED_SECRET)),
             ("other-key".to_owned(), hmac_key(ROTATED_SECRET)),
-            ("ed".to_owned(), KeyConfig { hmac_secret: None, ed25519_seed: Some(Secret::new(ED25519_SEED)) }),
+            (
+                "ed".to_owned(),
+                KeyConfig {
+                    hmac_secret: None,
+                    ed25519_seed: Some(Secret::new(ED25519_SEED)),
+                },
+            ),
         ]);
         PluginsConfig {
             dir: self.root.path().to_path_buf(),
@@ -55,7 +63,10 @@ impl PluginDir {
 }
 
 fn hmac_key(secret: &str) -> KeyConfig {
-    KeyConfig { hmac_secret: Some(Secret::new(secret)), ed25519_seed: None }
+    KeyConfig {
+        hmac_secret: Some(Secret::new(secret)),
+        ed25519_seed: None,
+    }
 }
 
 /// Writes `bytes` to a temporary name and renames it over `path`.

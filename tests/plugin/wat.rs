@@ -64,7 +64,10 @@ fn plugin(data: &str, misbehave: &str, always: bool) -> String {
     let guard = if always {
         String::new()
     } else {
-        format!("(if (i32.eq (local.get 14) (i32.const 1)) (then {} (return (i32.const 256))))", echo(None))
+        format!(
+            "(if (i32.eq (local.get 14) (i32.const 1)) (then {} (return (i32.const 256))))",
+            echo(None)
+        )
     };
     format!(
         r#"(component {TYPES}
@@ -122,7 +125,10 @@ pub(crate) fn guest_error() -> String {
 
 /// Returns the request with method GET, which plugins may not send.
 pub(crate) fn wrong_method() -> String {
-    let body = format!("{} (i32.store (i32.const 260) (i32.const 16)) (i32.store (i32.const 264) (i32.const 3)) (i32.const 256)", echo(None));
+    let body = format!(
+        "{} (i32.store (i32.const 260) (i32.const 16)) (i32.store (i32.const 264) (i32.const 3)) (i32.const 256)",
+        echo(None)
+    );
     plugin(r#"(data (i32.const 16) "GET")"#, &body, false)
 }
 
@@ -148,7 +154,10 @@ pub(crate) fn wants_files() -> &'static str {
 /// From attempt 2 on, asks the host for an HMAC with key `key` and returns the host's error as
 /// `Err(other(..))`; traps if the host signed.
 pub(crate) fn uses_key(key: &str) -> String {
-    let guard = format!("(if (i32.eq (local.get 14) (i32.const 1)) (then {} (return (i32.const 256))))", echo(None));
+    let guard = format!(
+        "(if (i32.eq (local.get 14) (i32.const 1)) (then {} (return (i32.const 256))))",
+        echo(None)
+    );
     format!(
         r#"(component
   (import "api-notify:plugin/host@0.1.0" (instance $host

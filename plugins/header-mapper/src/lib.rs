@@ -5,9 +5,17 @@
 //! - `rename`: one `old: new` per line; the value is kept.
 //! - `add`: one `name: value` per line; replaces any header of that name.
 
-use api_notify::plugin::host;
+use bindings::api_notify::plugin::host;
 
-wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
+#[allow(
+    clippy::too_many_arguments,
+    reason = "generated glue passes the request flattened"
+)]
+mod bindings {
+    wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
+}
+
+use bindings::{Guest, OutboundRequest, PluginError};
 
 struct HeaderMapper;
 
@@ -18,15 +26,23 @@ impl Guest for HeaderMapper {
         let add = pairs("add")?;
 
         for name in remove.split_whitespace() {
-            request.headers.retain(|(header, _)| !header.eq_ignore_ascii_case(name));
+            request
+                .headers
+                .retain(|(header, _)| !header.eq_ignore_ascii_case(name));
         }
         for (old, new) in &rename {
-            for (header, _) in request.headers.iter_mut().filter(|(h, _)| h.eq_ignore_ascii_case(old)) {
+            for (header, _) in request
+                .headers
+                .iter_mut()
+                .filter(|(h, _)| h.eq_ignore_ascii_case(old))
+            {
                 header.clone_from(new);
             }
         }
         for (name, value) in add {
-            request.headers.retain(|(header, _)| !header.eq_ignore_ascii_case(&name));
+            request
+                .headers
+                .retain(|(header, _)| !header.eq_ignore_ascii_case(&name));
             request.headers.push((name, value));
         }
         Ok(request)
@@ -40,11 +56,13 @@ fn pairs(config_name: &str) -> Result<Vec<(String, String)>, PluginError> {
     lines
         .map(|line| {
             let (name, value) = line.split_once(':').ok_or_else(|| {
-                PluginError::BadConfig(format!("`{config_name}` line `{line}` is not `name: value`"))
+                PluginError::BadConfig(format!(
+                    "`{config_name}` line `{line}` is not `name: value`"
+                ))
             })?;
             Ok((name.trim().to_owned(), value.trim().to_owned()))
         })
         .collect()
 }
 
-export!(HeaderMapper);
+bindings::export!(HeaderMapper with_types_in bindings);

@@ -9,9 +9,17 @@
 
 use serde_json::value::RawValue;
 
-use api_notify::plugin::host;
+use bindings::api_notify::plugin::host;
 
-wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
+#[allow(
+    clippy::too_many_arguments,
+    reason = "generated glue passes the request flattened"
+)]
+mod bindings {
+    wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
+}
+
+use bindings::{Guest, OutboundRequest, PluginError};
 
 struct JsonEnvelope;
 
@@ -26,7 +34,11 @@ impl Guest for JsonEnvelope {
         envelope.extend_from_slice(quote(&event_type).as_bytes());
         envelope.extend_from_slice(b",\"id\":");
         envelope.extend_from_slice(quote(&request.notification_id).as_bytes());
-        let metadata = format!(",\"timestamp\":{},\"attempt\":{},", host::now_unix_ms() / 1000, request.attempt);
+        let metadata = format!(
+            ",\"timestamp\":{},\"attempt\":{},",
+            host::now_unix_ms() / 1000,
+            request.attempt
+        );
         envelope.extend_from_slice(metadata.as_bytes());
         envelope.extend_from_slice(quote(&data_field).as_bytes());
         envelope.push(b':');
@@ -34,8 +46,12 @@ impl Guest for JsonEnvelope {
         envelope.push(b'}');
 
         request.body = envelope;
-        request.headers.retain(|(name, _)| !name.eq_ignore_ascii_case("content-type"));
-        request.headers.push(("content-type".into(), "application/json".into()));
+        request
+            .headers
+            .retain(|(name, _)| !name.eq_ignore_ascii_case("content-type"));
+        request
+            .headers
+            .push(("content-type".into(), "application/json".into()));
         Ok(request)
     }
 }
@@ -54,4 +70,4 @@ fn quote(text: &str) -> String {
     serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into())
 }
 
-export!(JsonEnvelope);
+bindings::export!(JsonEnvelope with_types_in bindings);

@@ -11,9 +11,17 @@
 
 use base64::Engine as _;
 
-use api_notify::plugin::host;
+use bindings::api_notify::plugin::host;
 
-wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
+#[allow(
+    clippy::too_many_arguments,
+    reason = "generated glue passes the request flattened"
+)]
+mod bindings {
+    wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
+}
+
+use bindings::{Guest, OutboundRequest, PluginError};
 
 struct StandardWebhooks;
 
@@ -22,7 +30,9 @@ impl Guest for StandardWebhooks {
         let hmac_keys = key_names("keys");
         let ed25519_keys = key_names("ed25519_keys");
         if hmac_keys.is_empty() && ed25519_keys.is_empty() {
-            return Err(PluginError::BadConfig("set `keys` and/or `ed25519_keys` in [config]".into()));
+            return Err(PluginError::BadConfig(
+                "set `keys` and/or `ed25519_keys` in [config]".into(),
+            ));
         }
 
         let timestamp = (host::now_unix_ms() / 1000).to_string();
@@ -37,10 +47,18 @@ impl Guest for StandardWebhooks {
             signatures.push(format!("v1a,{}", encode(&signature)));
         }
 
-        request.headers.retain(|(name, _)| !is_signature_header(name));
-        request.headers.push(("webhook-id".into(), request.notification_id.clone()));
-        request.headers.push(("webhook-timestamp".into(), timestamp));
-        request.headers.push(("webhook-signature".into(), signatures.join(" ")));
+        request
+            .headers
+            .retain(|(name, _)| !is_signature_header(name));
+        request
+            .headers
+            .push(("webhook-id".into(), request.notification_id.clone()));
+        request
+            .headers
+            .push(("webhook-timestamp".into(), timestamp));
+        request
+            .headers
+            .push(("webhook-signature".into(), signatures.join(" ")));
         Ok(request)
     }
 }
@@ -71,4 +89,4 @@ fn is_signature_header(name: &str) -> bool {
         .any(|owned| name.eq_ignore_ascii_case(owned))
 }
 
-export!(StandardWebhooks);
+bindings::export!(StandardWebhooks with_types_in bindings);

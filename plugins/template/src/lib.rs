@@ -7,20 +7,31 @@
 //! each call has a time and memory budget; keep to `BTreeMap` (a `HashMap` needs random numbers,
 //! which plugins do not get).
 
-use api_notify::plugin::host;
+use bindings::api_notify::plugin::host;
 
-wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
+#[allow(
+    clippy::too_many_arguments,
+    reason = "generated glue passes the request flattened"
+)]
+mod bindings {
+    wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
+}
+
+use bindings::{Guest, OutboundRequest, PluginError};
 
 struct Template;
 
 impl Guest for Template {
     fn transform(mut request: OutboundRequest) -> Result<OutboundRequest, PluginError> {
         let greeting = host::config_get("greeting").unwrap_or_else(|| "hello".into());
-        host::log(host::Level::Debug, &format!("greeting attempt {}", request.attempt));
+        host::log(
+            host::Level::Debug,
+            &format!("greeting attempt {}", request.attempt),
+        );
 
         request.headers.push(("x-greeting".into(), greeting));
         Ok(request)
     }
 }
 
-export!(Template);
+bindings::export!(Template with_types_in bindings);
