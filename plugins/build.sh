@@ -9,6 +9,7 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
     exit 1
 fi
 
+# Guests get their own target directory so they never contend with the gateway build.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME}/.cache/api-notify/target-guests}"
 cargo build --release --target wasm32-wasip2 --quiet
 

@@ -32,6 +32,7 @@ pub struct Grant {
     keys: BTreeMap<String, Arc<Key>>,
 }
 
+// TODO: zeroize HMAC key bytes on drop (Ed25519 keys already are); needs the `zeroize` crate.
 enum Key {
     Hmac(Vec<u8>),
     Ed25519(Box<SigningKey>),

@@ -34,6 +34,9 @@ pub struct PluginStats {
 }
 
 /// One plugin version in service.
+///
+/// TODO: quarantine a version that keeps trapping (DESIGN §5) so that partner's deliveries wait
+/// for a new version instead of burning retries; needs the dispatcher's view of attempts.
 pub(crate) struct Loaded {
     pub(crate) version: String,
     prepared: Prepared,

@@ -104,6 +104,9 @@ impl Runtime {
     }
 
     /// Runs `transform` once in a fresh store under `limits`. Blocks the thread.
+    ///
+    /// TODO: if the per-call cost matters more than isolation, keep a few warm instances per
+    /// plugin and recycle them after N calls or any trap (see docs/plugins.md for the numbers).
     pub(crate) fn call(
         &self,
         prepared: &Prepared,
@@ -135,7 +138,7 @@ fn engine_config(config: &PluginsConfig, slots: u32) -> Config {
         .total_core_instances(slots * 8)
         .total_memories(slots * 2)
         .total_tables(slots * 4)
-        .max_core_instances_per_component(16)
+        .max_core_instances_per_component(8)
         .max_memories_per_component(2)
         .max_tables_per_component(4)
         .max_memory_size(usize::try_from(config.memory_bytes).unwrap_or(usize::MAX));

@@ -13,14 +13,18 @@ use sha2::Sha256;
 
 use crate::support::{ED25519_SEED, PluginDir, ROTATED_SECRET, SPEC_SECRET};
 
-/// Builds `plugins/` once and returns the directory holding `<name>.wasm`.
+/// Builds `plugins/` once per test run and returns the directory holding `<name>.wasm`.
 fn dist() -> &'static Path {
     static DIST: OnceLock<PathBuf> = OnceLock::new();
     DIST.get_or_init(|| {
         let plugins = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins");
-        let output = Command::new(plugins.join("build.sh"))
-            .output()
-            .expect("plugins/build.sh can be started");
+        // The guests have their own target directory (build.sh's default), never the gateway's.
+        let mut build = Command::new(plugins.join("build.sh"));
+        match std::env::var_os("API_NOTIFY_GUEST_TARGET_DIR") {
+            Some(dir) => build.env("CARGO_TARGET_DIR", dir),
+            None => build.env_remove("CARGO_TARGET_DIR"),
+        };
+        let output = build.output().expect("plugins/build.sh can be started");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(
             output.status.success(),
