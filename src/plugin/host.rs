@@ -193,6 +193,48 @@ mod tests {
         );
     }
 
+    fn state_with_one_sign_call_and_one_log_line() -> CallState {
+        let limits = Limits {
+            max_sign_calls: 1,
+            max_log_lines: 1,
+            ..crate::plugin::PluginsConfig::default().limits()
+        };
+        let capabilities = Capabilities {
+            grant: Grant::default(),
+            config: Default::default(),
+        };
+        CallState::new(Arc::new(capabilities), Arc::new(|| 0), &limits)
+    }
+
+    #[test]
+    fn sign_calls_past_the_budget_are_refused() {
+        let mut state = state_with_one_sign_call_and_one_log_line();
+
+        let first = state.hmac_sha256("absent".to_owned(), Vec::new());
+        let second = state.hmac_sha256("absent".to_owned(), Vec::new());
+        assert!(
+            first.is_err_and(|e| e.contains("not granted")),
+            "the first call should reach the grant"
+        );
+        assert!(
+            second.is_err_and(|e| e.contains("budget")),
+            "the second call should be over budget"
+        );
+    }
+
+    #[test]
+    fn log_lines_past_the_budget_are_dropped() {
+        let mut state = state_with_one_sign_call_and_one_log_line();
+
+        state.log(Level::Info, "kept".to_owned());
+        state.log(Level::Info, "dropped".to_owned());
+        let spent = crate::plugin::PluginsConfig::default().max_log_bytes - state.log_bytes_left;
+        assert_eq!(
+            spent, 4,
+            "only the first line (`kept`, 4 bytes) should have been logged"
+        );
+    }
+
     #[test]
     fn memory_cap_refuses_growth_past_the_limit_and_remembers_it() {
         let mut cap = MemoryCap {
