@@ -37,6 +37,11 @@ pub struct PluginsConfig {
     pub max_log_bytes: u64,
     /// Plugin calls running at once; sizes the instance pool and the semaphore in front of it.
     pub max_concurrent_calls: u32,
+    /// Idle instances kept warm across all plugins for their next call; 0 = a fresh instance
+    /// for every call.
+    pub warm_instances: u32,
+    /// Calls after which a warm instance is replaced by a fresh one.
+    pub max_calls_per_instance: u32,
     /// How often the plugin directory is scanned for changes.
     pub poll_interval_ms: u64,
     /// How long a changed file must stay unchanged before it is loaded.
@@ -119,6 +124,8 @@ impl Default for PluginsConfig {
             max_log_lines: 16,
             max_log_bytes: 8 << 10,
             max_concurrent_calls: 16,
+            warm_instances: 32,
+            max_calls_per_instance: 1000,
             poll_interval_ms: 100,
             reload_debounce_ms: 150,
         }

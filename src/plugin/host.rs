@@ -1,8 +1,9 @@
 //! The host side of `wit/plugin.wit`: generated bindings and the functions a guest may call.
 //!
-//! One [`CallState`] lives in the store of one plugin call and dies with it, so budgets and the
-//! memory-limit flag are per call by construction. Host functions never trap: misuse (a key not
-//! granted, a spent budget) comes back to the guest as an `Err(String)` it can report.
+//! One [`CallState`] lives in the store of one plugin instance; budgets and the memory-limit flag
+//! are refilled before every call ([`CallState::start_call`]), so they are per call even when a
+//! warm instance is reused. Host functions never trap: misuse (a key not granted, a spent budget)
+//! comes back to the guest as an `Err(String)` it can report.
 
 use std::sync::Arc;
 
@@ -42,10 +43,12 @@ pub(crate) struct CallState {
     log_bytes_left: u64,
 }
 
-/// A [`ResourceLimiter`] that remembers whether the guest hit the memory cap.
+/// A [`ResourceLimiter`] that remembers whether the guest hit the memory cap, and the most
+/// memory it was ever granted (linear memory never shrinks).
 pub(crate) struct MemoryCap {
     max_bytes: usize,
     hit: bool,
+    peak_bytes: usize,
 }
 
 /// Most table elements a guest may grow to.
@@ -53,21 +56,38 @@ const MAX_TABLE_ELEMENTS: usize = 10_000;
 
 impl CallState {
     pub(crate) fn new(capabilities: Arc<Capabilities>, clock: Clock, limits: &Limits) -> Self {
-        Self {
+        let mut state = Self {
             capabilities,
             clock,
             memory: MemoryCap {
-                max_bytes: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
+                max_bytes: 0,
                 hit: false,
+                peak_bytes: 0,
             },
-            sign_calls_left: limits.max_sign_calls,
-            log_lines_left: limits.max_log_lines,
-            log_bytes_left: limits.max_log_bytes,
-        }
+            sign_calls_left: 0,
+            log_lines_left: 0,
+            log_bytes_left: 0,
+        };
+        state.start_call(limits);
+        state
+    }
+
+    /// Refills the budgets and clears the memory flag before a call on a reused instance.
+    pub(crate) fn start_call(&mut self, limits: &Limits) {
+        self.memory.max_bytes = usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);
+        self.memory.hit = false;
+        self.sign_calls_left = limits.max_sign_calls;
+        self.log_lines_left = limits.max_log_lines;
+        self.log_bytes_left = limits.max_log_bytes;
     }
 
     pub(crate) fn limiter(&mut self) -> &mut MemoryCap {
         &mut self.memory
+    }
+
+    /// The largest linear memory the guest grew to over the life of its instance.
+    pub(crate) fn memory_peak_bytes(&self) -> usize {
+        self.memory.peak_bytes
     }
 
     /// Whether the guest asked for more memory than its cap during this call.
@@ -161,6 +181,7 @@ impl ResourceLimiter for MemoryCap {
             self.hit = true;
             return Ok(false);
         }
+        self.peak_bytes = self.peak_bytes.max(desired);
         Ok(true)
     }
 
@@ -240,6 +261,7 @@ mod tests {
         let mut cap = MemoryCap {
             max_bytes: 1 << 20,
             hit: false,
+            peak_bytes: 0,
         };
 
         assert!(

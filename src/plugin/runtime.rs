@@ -2,12 +2,18 @@
 //!
 //! Compilation happens once per plugin version ([`Runtime::prepare`]): the component is checked
 //! against the `plugin` world and its imports against an allow-list, then pre-instantiated.
-//! Each call gets a fresh store from the pooling allocator, an epoch deadline and a memory cap,
-//! so nothing a guest does survives its call. The pool has a fixed number of slots and running
-//! out is an error, not back-pressure: callers must hold a permit from [`Runtime::permits`].
+//! Instances come from the pooling allocator; each call gets an epoch deadline, a memory cap and
+//! fresh host budgets. A plugin's instance is kept warm for its next call (its own partner's
+//! only) and dropped after `max_calls_per_instance` calls or any trap, so what a guest breaks
+//! never outlives one failed call; `warm_instances = 0` gives every call a fresh instance.
+//!
+//! The pool has a fixed number of slots and running out is an error, not back-pressure. Slots
+//! are sized as calls at once (held through [`Runtime::permits`]) + one for loading + the warm
+//! instances, and the warm ones are capped globally, so a call always finds a slot.
 //! Calls are synchronous and CPU-bound; run them on a blocking thread.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
@@ -26,6 +32,9 @@ pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// How often the epoch advances; deadlines are whole ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Instances whose memory grew past this are not kept warm, so idle instances stay small.
+const MAX_WARM_MEMORY_BYTES: usize = 8 << 20;
 
 /// Longest guest-supplied or trap text kept in an error.
 const MAX_ERROR_TEXT: usize = 512;
@@ -55,18 +64,35 @@ pub(crate) struct Runtime {
     linker: Linker<CallState>,
     permits: Arc<Semaphore>,
     clock: Clock,
+    warm: Arc<WarmBudget>,
+    max_calls_per_instance: u32,
 }
 
-/// One compiled, type-checked plugin version, ready to instantiate.
+/// One compiled, type-checked plugin version, ready to instantiate, with its warm instances.
 pub(crate) struct Prepared {
     pre: PluginPre<CallState>,
+    idle: Mutex<Vec<Instance>>,
+    warm: Arc<WarmBudget>,
+}
+
+/// A live instance of a plugin in its own store.
+struct Instance {
+    store: Store<CallState>,
+    plugin: Plugin,
+    calls: u32,
+}
+
+/// How many idle warm instances may exist across all plugins.
+struct WarmBudget {
+    idle: AtomicU32,
+    max_idle: u32,
 }
 
 impl Runtime {
     /// Builds the engine with pooling, epoch interruption and a ticker thread.
     pub(crate) fn new(config: &PluginsConfig, clock: Clock) -> anyhow::Result<Self> {
-        // One extra slot so loading and probing never wait behind traffic.
-        let slots = config.max_concurrent_calls.max(1) + 1;
+        // Calls at once, one slot so loading never waits behind traffic, and the warm instances.
+        let slots = config.max_concurrent_calls.max(1) + 1 + config.warm_instances;
         let engine =
             Engine::new(&engine_config(config, slots)).context("creating the plugin engine")?;
         start_ticker(&engine);
@@ -75,11 +101,17 @@ impl Runtime {
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state: &mut CallState| state)
             .context("linking host functions")?;
         let permits = Arc::new(Semaphore::new(config.max_concurrent_calls.max(1) as usize));
+        let warm = Arc::new(WarmBudget {
+            idle: AtomicU32::new(0),
+            max_idle: config.warm_instances,
+        });
         Ok(Self {
             engine,
             linker,
             permits,
             clock,
+            warm,
+            max_calls_per_instance: config.max_calls_per_instance,
         })
     }
 
@@ -100,13 +132,15 @@ impl Runtime {
             .instantiate_pre(&component)
             .context("imports do not match")?;
         let pre = PluginPre::new(instance_pre).context("does not export the `plugin` world")?;
-        Ok(Prepared { pre })
+        Ok(Prepared {
+            pre,
+            idle: Mutex::default(),
+            warm: Arc::clone(&self.warm),
+        })
     }
 
-    /// Runs `transform` once in a fresh store under `limits`. Blocks the thread.
-    ///
-    /// TODO: if the per-call cost matters more than isolation, keep a few warm instances per
-    /// plugin and recycle them after N calls or any trap (see docs/plugins.md for the numbers).
+    /// Runs `transform` once under `limits`, on a warm instance of the plugin or a new one.
+    /// Blocks the thread.
     pub(crate) fn call(
         &self,
         prepared: &Prepared,
@@ -114,21 +148,103 @@ impl Runtime {
         limits: &Limits,
         request: OutboundRequest,
     ) -> Result<OutboundRequest, PluginError> {
+        let mut instance = match prepared.take_idle() {
+            Some(instance) => instance,
+            None => self.instantiate(prepared, capabilities, limits)?,
+        };
+        instance.store.data_mut().start_call(limits);
+        instance
+            .store
+            .set_epoch_deadline(deadline_ticks(limits.timeout_ms));
+
+        let outcome = instance
+            .plugin
+            .call_transform(&mut instance.store, &request.to_guest());
+        instance.calls += 1;
+        match outcome {
+            Ok(Ok(output)) => {
+                self.recycle(prepared, instance);
+                Ok(OutboundRequest::from_guest(output))
+            }
+            Ok(Err(error)) => {
+                self.recycle(prepared, instance);
+                Err(PluginError::Guest(cut(&guest_error_text(&error))))
+            }
+            Err(error) => Err(classify(
+                &error,
+                instance.store.data().memory_limit_hit(),
+                limits,
+            )),
+        }
+    }
+
+    fn instantiate(
+        &self,
+        prepared: &Prepared,
+        capabilities: Arc<Capabilities>,
+        limits: &Limits,
+    ) -> Result<Instance, PluginError> {
         let state = CallState::new(capabilities, Arc::clone(&self.clock), limits);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| state.limiter());
-        store.set_epoch_deadline(deadline_ticks(limits.timeout_ms));
         store.epoch_deadline_trap();
+        store.set_epoch_deadline(deadline_ticks(limits.timeout_ms));
 
-        let outcome = prepared
-            .pre
-            .instantiate(&mut store)
-            .and_then(|plugin| plugin.call_transform(&mut store, &request.to_guest()));
-        match outcome {
-            Ok(Ok(output)) => Ok(OutboundRequest::from_guest(output)),
-            Ok(Err(error)) => Err(PluginError::Guest(cut(&guest_error_text(&error)))),
+        match prepared.pre.instantiate(&mut store) {
+            Ok(plugin) => Ok(Instance {
+                store,
+                plugin,
+                calls: 0,
+            }),
             Err(error) => Err(classify(&error, store.data().memory_limit_hit(), limits)),
         }
+    }
+
+    /// Keeps `instance` warm for the plugin's next call, if it is young and the budget allows.
+    fn recycle(&self, prepared: &Prepared, instance: Instance) {
+        let worn = instance.calls >= self.max_calls_per_instance
+            || instance.store.data().memory_peak_bytes() > MAX_WARM_MEMORY_BYTES;
+        if worn || !self.warm.try_reserve() {
+            return;
+        }
+        prepared
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(instance);
+    }
+}
+
+impl Prepared {
+    fn take_idle(&self) -> Option<Instance> {
+        let instance = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()?;
+        self.warm.release(1);
+        Some(instance)
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        let idle = self.idle.get_mut().unwrap_or_else(PoisonError::into_inner);
+        self.warm
+            .release(u32::try_from(idle.len()).unwrap_or(u32::MAX));
+    }
+}
+
+impl WarmBudget {
+    fn try_reserve(&self) -> bool {
+        let reserve = |idle: u32| (idle < self.max_idle).then_some(idle + 1);
+        self.idle
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, reserve)
+            .is_ok()
+    }
+
+    fn release(&self, count: u32) {
+        self.idle.fetch_sub(count, Ordering::AcqRel);
     }
 }
 

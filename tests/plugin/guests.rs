@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
-use api_notify::plugin::{OutboundRequest, Plugins, Transformed};
+use api_notify::plugin::{OutboundRequest, Plugins, PluginsConfig, Transformed};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
@@ -43,10 +43,22 @@ fn guest(name: &str) -> Vec<u8> {
 
 /// Loads guest `name` for partner `p` with `manifest`, seeing the fixed time `now_unix_secs`.
 fn load(name: &str, manifest: &str, now_unix_secs: u64) -> (PluginDir, Plugins) {
+    load_tuned(name, manifest, now_unix_secs, |_| {})
+}
+
+/// [`load`] with the test config changed by `tune`.
+fn load_tuned(
+    name: &str,
+    manifest: &str,
+    now_unix_secs: u64,
+    tune: impl FnOnce(&mut PluginsConfig),
+) -> (PluginDir, Plugins) {
     let dir = PluginDir::new();
     dir.install("p", &guest(name), manifest);
     let clock = Arc::new(move || now_unix_secs * 1000);
-    let plugins = Plugins::load_with_clock(&dir.config(), clock).expect("the test config is valid");
+    let mut config = dir.config();
+    tune(&mut config);
+    let plugins = Plugins::load_with_clock(&config, clock).expect("the test config is valid");
     assert!(
         plugins.version("p").is_some(),
         "guest {name} should load with manifest:\n{manifest}"
@@ -146,6 +158,33 @@ async fn signer_matches_the_standard_webhooks_spec_vector() {
         ["1614265330"],
         "timestamp in seconds from the host clock"
     );
+}
+
+#[tokio::test]
+async fn signer_gives_the_same_signature_on_warm_and_fresh_instances() {
+    let manifest = "keys = [\"spec\"]\n[config]\nkeys = \"spec\"\n";
+    let body = br#"{"test": 2432232314}"#;
+    let expected = ["v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="];
+
+    for warm_instances in [32, 0] {
+        // One sign call per plugin call: a reused instance must get its budget back each time.
+        let (_dir, plugins) = load_tuned("standard-webhooks", manifest, 1_614_265_330, |config| {
+            config.warm_instances = warm_instances;
+            config.max_sign_calls = 1;
+        });
+        for call in 1..=3 {
+            let signed = run(
+                &plugins,
+                signed_request("msg_p5jXN8AQM9LWM0D4loKWxJek", body),
+            )
+            .await;
+            let signature = header(&signed, "webhook-signature");
+            assert_eq!(
+                signature, expected,
+                "call {call} with {warm_instances} warm instances"
+            );
+        }
+    }
 }
 
 #[tokio::test]

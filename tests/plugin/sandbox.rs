@@ -120,6 +120,13 @@ async fn a_trap_is_a_plugin_error_and_the_gateway_keeps_serving() {
         "plugin failures should be of attempt class `plugin`"
     );
     assert_good_partner_still_served(&plugins).await;
+
+    let next = plugins.transform(request("hostile", 1)).await;
+    let recovered = next.expect("partner `hostile` still has its plugin");
+    assert!(
+        recovered.is_ok(),
+        "the trapped instance should be replaced by a fresh one"
+    );
 }
 
 #[tokio::test]
