@@ -45,28 +45,43 @@ async fn main() -> anyhow::Result<()> {
         ..PluginsConfig::default()
     };
     let started = Instant::now();
-    let plugins = Plugins::load(&config)?;
+    let warm = Plugins::load(&config)?;
     println!(
         "load (compile + pre-instantiate + probe): {:.1} ms",
         ms(started.elapsed())
     );
-
+    let fresh = Plugins::load(&PluginsConfig {
+        warm_instances: 0,
+        ..config
+    })?;
     println!(
         "spawn_blocking round trip: {:.1} µs",
         spawn_blocking_us().await?
     );
-    for body_bytes in [1 << 10, 64 << 10] {
-        let native = native_us(body_bytes);
-        let sequential = plugin_us(&plugins, "bench", body_bytes, 1).await?;
-        let concurrent = plugin_us(&plugins, "bench", body_bytes, 2).await?;
-        let echo = plugin_us(&plugins, "echo", body_bytes, 1).await?;
-        println!(
-            "body {:>2} KiB: native HMAC {native:.1} µs/call, signer plugin {sequential:.1} µs/call \
-             (added {:.1} µs), 2 callers {concurrent:.1} µs/call wall, echo plugin {echo:.1} µs/call",
-            body_bytes >> 10,
-            sequential - native
-        );
+
+    for (name, plugins) in [
+        ("warm instances", &warm),
+        ("fresh instance per call", &fresh),
+    ] {
+        println!("{name}:");
+        for body_bytes in [1 << 10, 64 << 10] {
+            report(plugins, body_bytes).await?;
+        }
     }
+    Ok(())
+}
+
+async fn report(plugins: &Plugins, body_bytes: usize) -> anyhow::Result<()> {
+    let native = native_us(body_bytes);
+    let sequential = plugin_us(plugins, "bench", body_bytes, 1).await?;
+    let concurrent = plugin_us(plugins, "bench", body_bytes, 2).await?;
+    let echo = plugin_us(plugins, "echo", body_bytes, 1).await?;
+    println!(
+        "  body {:>2} KiB: native signing {native:.1} µs, signer plugin {sequential:.1} µs \
+         (added {:.1} µs), with 2 callers {concurrent:.1} µs wall, echo plugin {echo:.1} µs",
+        body_bytes >> 10,
+        sequential - native
+    );
     Ok(())
 }
 
