@@ -18,6 +18,7 @@ pub(crate) mod bindings {
     wasmtime::component::bindgen!({
         path: "wit",
         world: "plugin",
+        additional_derives: [PartialEq, Eq],
     });
 }
 

@@ -31,26 +31,9 @@ pub use runtime::Clock;
 
 use registry::{Loaded, Registry};
 
-/// What the dispatcher hands to a plugin and gets back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboundRequest {
-    /// HTTP method; a plugin may return only POST, PUT or PATCH.
-    pub method: String,
-    /// Absolute URL; a plugin may not change scheme, host, port or credentials.
-    pub url: String,
-    /// Headers in order.
-    pub headers: Vec<(String, String)>,
-    /// The exact bytes to send.
-    pub body: Vec<u8>,
-    /// The partner the request is for; selects the plugin.
-    pub partner_id: String,
-    /// The client's id of the notification.
-    pub request_id: String,
-    /// The gateway's id of the notification, stable across attempts.
-    pub notification_id: String,
-    /// Attempt number, from 1.
-    pub attempt: u32,
-}
+/// What the dispatcher hands to a plugin and gets back: `outbound-request` of
+/// `wit/plugin.wit`, used as is so a call copies the request only into and out of the guest.
+pub use host::bindings::OutboundRequest;
 
 /// A request after its partner's plugin ran.
 #[derive(Debug, Clone, PartialEq, Eq)]

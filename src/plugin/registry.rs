@@ -101,7 +101,7 @@ impl Registry {
             &loaded.prepared,
             Arc::clone(&loaded.capabilities),
             &loaded.limits,
-            request.clone(),
+            &request,
         )?;
         let checked = validate::check_output(&request, output, &loaded.limits)?;
         Ok(Transformed {

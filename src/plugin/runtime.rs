@@ -146,7 +146,7 @@ impl Runtime {
         prepared: &Prepared,
         capabilities: Arc<Capabilities>,
         limits: &Limits,
-        request: OutboundRequest,
+        request: &OutboundRequest,
     ) -> Result<OutboundRequest, PluginError> {
         let mut instance = match prepared.take_idle() {
             Some(instance) => instance,
@@ -157,14 +157,12 @@ impl Runtime {
             .store
             .set_epoch_deadline(deadline_ticks(limits.timeout_ms));
 
-        let outcome = instance
-            .plugin
-            .call_transform(&mut instance.store, &request.to_guest());
+        let outcome = instance.plugin.call_transform(&mut instance.store, request);
         instance.calls += 1;
         match outcome {
             Ok(Ok(output)) => {
                 self.recycle(prepared, instance);
-                Ok(OutboundRequest::from_guest(output))
+                Ok(output)
             }
             Ok(Err(error)) => {
                 self.recycle(prepared, instance);
@@ -336,34 +334,6 @@ pub(crate) fn cut(text: &str) -> String {
         end -= 1;
     }
     text[..end].to_owned()
-}
-
-impl OutboundRequest {
-    fn to_guest(&self) -> bindings::OutboundRequest {
-        bindings::OutboundRequest {
-            method: self.method.clone(),
-            url: self.url.clone(),
-            headers: self.headers.clone(),
-            body: self.body.clone(),
-            partner_id: self.partner_id.clone(),
-            request_id: self.request_id.clone(),
-            notification_id: self.notification_id.clone(),
-            attempt: self.attempt,
-        }
-    }
-
-    fn from_guest(output: bindings::OutboundRequest) -> Self {
-        Self {
-            method: output.method,
-            url: output.url,
-            headers: output.headers,
-            body: output.body,
-            partner_id: output.partner_id,
-            request_id: output.request_id,
-            notification_id: output.notification_id,
-            attempt: output.attempt,
-        }
-    }
 }
 
 #[cfg(test)]
