@@ -1,0 +1,54 @@
+//! The HTTP API: ingest, status and health.
+//!
+//! Handlers validate, then hand the notification to the [`Queue`]; they answer `202` only after
+//! the queue acknowledged it. Routes are built by [`router`] so tests can drive them without a
+//! socket.
+
+mod error;
+mod handlers;
+
+pub use handlers::AcceptedOut;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::routing::{get, post};
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+
+use crate::guard::AddressGuard;
+use crate::model::Limits;
+use crate::queue::Queue;
+use crate::store::Store;
+
+/// What handlers share.
+pub struct AppState {
+    pub queue: Queue,
+    pub store: Store,
+    pub limits: Limits,
+    pub guard: AddressGuard,
+    pub max_request_bytes: usize,
+}
+
+/// All routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    let body_limit = state.max_request_bytes;
+    Router::new()
+        .route("/v1/notifications", post(handlers::create))
+        .route("/v1/notifications/{request_id}", get(handlers::status))
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                let route = request
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map_or("unmatched", MatchedPath::as_str);
+                tracing::info_span!("http", method = %request.method(), route)
+            }),
+        )
+        .with_state(state)
+}

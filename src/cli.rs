@@ -1,0 +1,217 @@
+//! Command-line interface: argument definitions and one function per command.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::server::{self, Roles};
+use crate::store::Store;
+use crate::telemetry::LogFormat;
+
+/// api-notify: accepts notifications over HTTP and makes sure each partner receives its POST
+/// once, through crashes, repeats and partner outages.
+///
+/// With no configuration it runs embedded (SQLite file, in-process intake). Give a config file
+/// with [kafka] and a mysql:// database.url for the production path.
+#[derive(Debug, Parser)]
+#[command(name = "api-notify", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (all roles unless --roles says otherwise).
+    Serve {
+        /// TOML configuration file; API_NOTIFY__SECTION__KEY variables override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address for the HTTP API (overrides api.listen).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Roles to run: any of api,intake,dispatch.
+        #[arg(long, default_value = "api,intake,dispatch")]
+        roles: Roles,
+    },
+    /// Apply database migrations and exit.
+    Migrate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Start an embedded gateway and a local receiver, send the sample notifications, and
+    /// print what the receiver got.
+    Demo,
+    /// Post notifications to a running gateway: FILE holds one JSON object, or JSON lines;
+    /// `-` reads standard input.
+    Send {
+        #[arg(long, env = "API_NOTIFY_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        file: PathBuf,
+    },
+    /// Show the state and attempts of one notification.
+    Status {
+        #[arg(long, env = "API_NOTIFY_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        request_id: String,
+    },
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+/// `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration and print the effective values, secrets redacted.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+impl Cli {
+    /// The demo prints its own story; the server logs at info.
+    pub fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Demo => "warn",
+            _ => "info",
+        }
+    }
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            roles,
+        } => serve(config.as_deref(), listen, roles).await,
+        Command::Migrate { config } => migrate(config.as_deref()).await,
+        Command::Demo => crate::demo::run().await,
+        Command::Send { url, file } => send(&url, &file).await,
+        Command::Status { url, request_id } => status(&url, &request_id).await,
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => {
+            let config = Config::load(config.as_deref())?;
+            println!("{}", toml::to_string_pretty(&config.redacted())?);
+            Ok(())
+        }
+    }
+}
+
+async fn serve(
+    file: Option<&Path>,
+    listen: Option<SocketAddr>,
+    roles: Roles,
+) -> anyhow::Result<()> {
+    let mut config = Config::load(file)?;
+    if let Some(listen) = listen {
+        config.api.listen = listen;
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    server::run(config, roles, None, shutdown).await
+}
+
+/// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("signal received; draining (send it again to exit at once)");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::warn!("second signal: exiting without draining");
+    std::process::exit(130);
+}
+
+async fn migrate(file: Option<&Path>) -> anyhow::Result<()> {
+    let config = Config::load(file)?;
+    let store = Store::connect(&config.database).await?;
+    store.migrate().await?;
+    println!(
+        "migrations applied to {}",
+        crate::config::redact_url(config.database.url.expose())
+    );
+    Ok(())
+}
+
+async fn send(url: &str, file: &Path) -> anyhow::Result<()> {
+    let text = if file == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading standard input")?;
+        s
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let client = reqwest::Client::new();
+    let endpoint = format!("{}/v1/notifications", url.trim_end_matches('/'));
+    let mut failed = 0;
+    for (number, line) in notification_documents(&text) {
+        let response = client
+            .post(&endpoint)
+            .header("content-type", "application/json")
+            .body(line.to_string())
+            .send()
+            .await
+            .with_context(|| format!("posting to {endpoint}"))?;
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        println!("{}:{number}: {status} {body}", file.display());
+        if !status.is_success() {
+            failed += 1;
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} notification(s) were not accepted");
+    Ok(())
+}
+
+/// A whole-file JSON object, or one document per non-empty line (JSON lines), with line numbers.
+fn notification_documents(text: &str) -> Vec<(usize, &str)> {
+    let trimmed = text.trim();
+    if serde_json::from_str::<serde_json::Value>(trimmed).is_ok() {
+        return vec![(1, trimmed)];
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| (i + 1, l))
+        .collect()
+}
+
+async fn status(url: &str, request_id: &str) -> anyhow::Result<()> {
+    let endpoint = format!(
+        "{}/v1/notifications/{request_id}",
+        url.trim_end_matches('/')
+    );
+    let response = reqwest::get(&endpoint)
+        .await
+        .with_context(|| format!("asking {endpoint}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.context("the answer is not JSON")?;
+    println!("{}", serde_json::to_string_pretty(&body)?);
+    anyhow::ensure!(status.is_success(), "the gateway answered {status}");
+    Ok(())
+}

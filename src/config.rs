@@ -1,0 +1,340 @@
+//! Gateway configuration: one typed tree, loaded from defaults, then an optional TOML file, then
+//! `API_NOTIFY__SECTION__KEY` environment variables (later sources win).
+//!
+//! Unknown keys are errors that name the key. Secrets (the database password) live in
+//! [`Secret`] so that `Debug` and `Display` never print them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every environment variable the gateway reads.
+pub const ENV_PREFIX: &str = "API_NOTIFY__";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub api: ApiConfig,
+    pub database: DatabaseConfig,
+    /// Absent: embedded in-process intake. Present: produce to and consume from Kafka.
+    pub kafka: Option<KafkaConfig>,
+    pub outbound: OutboundConfig,
+    pub retry: RetryConfig,
+    pub dispatch: DispatchConfig,
+}
+
+/// The ingest HTTP API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// Largest accepted request body (the whole JSON document).
+    pub max_request_bytes: usize,
+    /// How long ingest waits for the queue to acknowledge before answering 503.
+    pub queue_timeout_ms: u64,
+}
+
+/// The store.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://FILE` (embedded) or `mysql://user:pass@host:port/db`.
+    pub url: Secret,
+    pub max_connections: u32,
+    /// Apply migrations when `serve` starts.
+    pub migrate_on_start: bool,
+}
+
+/// Kafka producer and intake consumer group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic: String,
+    pub group: String,
+    /// Producer linger: a few milliseconds batches concurrent ingests into one produce request.
+    pub linger_ms: u64,
+    /// Most records the intake inserts in one database transaction.
+    pub intake_batch_max: usize,
+}
+
+/// Outbound HTTP to partners.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundConfig {
+    /// Loopback, private, CGNAT and unique-local targets are refused unless listed here.
+    pub allow_cidrs: Vec<IpNet>,
+    pub connect_timeout_ms: u64,
+    /// Total deadline of one POST: connect, write, and response headers.
+    pub request_timeout_ms: u64,
+    /// Idle pooled connections are dropped after this long (shorter than common receiver
+    /// keep-alive timeouts, so a reused connection is rarely closed under us).
+    pub pool_idle_timeout_ms: u64,
+    /// Bytes of the response body kept in the attempt log.
+    pub response_excerpt_bytes: usize,
+}
+
+/// Retry schedule: delay before attempt 2, 3, …; after the last entry the notification is dead.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    pub schedule_secs: Vec<u64>,
+    pub jitter_percent: u8,
+    /// Upper bound for a receiver's `Retry-After`.
+    pub max_retry_after_secs: u64,
+}
+
+/// The dispatcher's claim loop.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchConfig {
+    /// Deliveries in flight at once in this process.
+    pub max_in_flight: usize,
+    /// Most rows claimed per database round trip.
+    pub claim_batch: usize,
+    /// How long a claim is held; must exceed the request timeout times the endpoint count.
+    pub lease_secs: u64,
+    /// Idle poll interval when nothing is due.
+    pub poll_interval_ms: u64,
+    /// How often expired leases are returned to `pending`.
+    pub reap_interval_ms: u64,
+    /// On shutdown, how long in-flight deliveries may take before their claims are released.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_request_bytes: 1024 * 1024,
+            queue_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("sqlite://api-notify.db"),
+            max_connections: 16,
+            migrate_on_start: true,
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &redact_url(self.url.expose()))
+            .field("max_connections", &self.max_connections)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .finish()
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topic: "api-notify.notifications".into(),
+            group: "api-notify".into(),
+            linger_ms: 5,
+            intake_batch_max: 500,
+        }
+    }
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        Self {
+            allow_cidrs: Vec::new(),
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 30_000,
+            pool_idle_timeout_ms: 4_000,
+            response_excerpt_bytes: 1_024,
+        }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            schedule_secs: vec![5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 43200],
+            jitter_percent: 20,
+            max_retry_after_secs: 6 * 3600,
+        }
+    }
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 256,
+            claim_batch: 200,
+            lease_secs: 120,
+            poll_interval_ms: 200,
+            reap_interval_ms: 5_000,
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` if given, then the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                anyhow::bail!("configuration file {} does not exist", path.display());
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        let config: Config = figment
+            .extract()
+            .map_err(|e| anyhow::anyhow!(describe(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rules serde cannot express.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let d = &self.dispatch;
+        let o = &self.outbound;
+        anyhow::ensure!(
+            d.max_in_flight > 0,
+            "dispatch.max_in_flight must be at least 1"
+        );
+        anyhow::ensure!(d.claim_batch > 0, "dispatch.claim_batch must be at least 1");
+        anyhow::ensure!(
+            d.lease_secs * 1000 > o.request_timeout_ms + o.connect_timeout_ms,
+            "dispatch.lease_secs ({} s) must exceed outbound.request_timeout_ms + \
+             outbound.connect_timeout_ms so that two workers never post the same row at once",
+            d.lease_secs
+        );
+        anyhow::ensure!(
+            self.retry.jitter_percent <= 100,
+            "retry.jitter_percent must be between 0 and 100"
+        );
+        let url = self.database.url.expose();
+        anyhow::ensure!(
+            url.starts_with("sqlite:") || url.starts_with("mysql:") || url.starts_with("mariadb:"),
+            "database.url must start with sqlite:// or mysql://"
+        );
+        Ok(())
+    }
+
+    /// A copy safe to print: the database password replaced by `***`.
+    pub fn redacted(&self) -> Config {
+        let mut copy = self.clone();
+        copy.database.url = Secret::new(redact_url(self.database.url.expose()));
+        copy
+    }
+
+    /// True when the store is MySQL/MariaDB.
+    pub fn is_mysql(&self) -> bool {
+        !self.database.url.expose().starts_with("sqlite:")
+    }
+}
+
+/// Turns figment's error into one line per problem that names the key and the source.
+fn describe(error: figment::Error) -> String {
+    let lines: Vec<String> = error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| m.name.to_string())
+                .unwrap_or_default();
+            let kind = e.kind.to_string();
+            if key.is_empty() {
+                format!("configuration: {kind} ({source})")
+            } else {
+                format!("configuration key `{key}`: {kind} ({source})")
+            }
+        })
+        .collect();
+    lines.join("\n")
+}
+
+/// A string that must never be printed: `Debug` and `Display` show `***`.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A connection URL with its password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacted_url_hides_only_the_password() {
+        assert_eq!(
+            redact_url("mysql://u:hunter2@127.0.0.1:3306/db"),
+            "mysql://u:***@127.0.0.1:3306/db"
+        );
+        assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
+    }
+
+    #[test]
+    fn debug_of_config_never_shows_the_database_password() {
+        let mut config = Config::default();
+        config.database.url = Secret::new("mysql://u:hunter2@127.0.0.1/db");
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2"),
+            "password leaked in Debug: {shown}"
+        );
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default()
+            .validate()
+            .expect("the default configuration should validate");
+    }
+}

@@ -1,0 +1,249 @@
+//! The dispatcher: claims due notifications, delivers them, and writes the outcomes.
+//!
+//! Any number of dispatchers may run against one database: claims are leases (see
+//! [`crate::store`]), so a crashed dispatcher costs at most one repeated POST per notification it
+//! held, after its lease expires and the reaper returns the row. Outcomes are written by one
+//! finisher task in batches, never inside the claim transaction and never across a POST.
+
+pub mod backoff;
+pub mod deliver;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+pub use deliver::{AttemptResult, Delivery, REQUEST_ID, Verdict, WEBHOOK_ID};
+
+use crate::config::{DispatchConfig, RetryConfig};
+use crate::model::now_ms;
+use crate::store::{Claimed, Finish, Outcome, Store};
+
+/// Most outcomes written in one transaction.
+const FINISH_BATCH_MAX: usize = 500;
+
+/// A dispatcher and its settings.
+pub struct Dispatcher {
+    pub store: Store,
+    pub delivery: Delivery,
+    pub config: DispatchConfig,
+    pub retry: RetryConfig,
+    /// Nudged by an in-process intake when new rows arrive, to skip the idle poll.
+    pub wake: Arc<Notify>,
+}
+
+/// Claims held by this process: released on shutdown if their attempt did not finish.
+type Held = Arc<Mutex<HashMap<String, String>>>;
+
+impl Dispatcher {
+    /// Runs until `shutdown`, then drains in-flight attempts for `drain_timeout_ms` and releases
+    /// whatever is still held.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let (finish_tx, finish_rx) = mpsc::channel::<Finish>(4 * FINISH_BATCH_MAX);
+        let finisher = tokio::spawn(run_finisher(
+            self.store.clone(),
+            finish_rx,
+            shutdown.clone(),
+        ));
+        let reaper = tokio::spawn(run_reaper(
+            self.store.clone(),
+            self.config.clone(),
+            shutdown.clone(),
+        ));
+        let held: Held = Arc::default();
+        let mut tasks = JoinSet::new();
+        let permits = Arc::new(Semaphore::new(self.config.max_in_flight));
+        let this = Arc::new(self);
+        info!(
+            max_in_flight = this.config.max_in_flight,
+            "dispatcher started"
+        );
+
+        while !shutdown.is_cancelled() {
+            while tasks.try_join_next().is_some() {}
+            let first = tokio::select! {
+                permit = permits.clone().acquire_owned() => permit?,
+                () = shutdown.cancelled() => break,
+            };
+            let want = (permits.available_permits() + 1).min(this.config.claim_batch);
+            let lease_ms = i64::try_from(this.config.lease_secs * 1000)?;
+            let claimed = match this.store.claim(now_ms(), want, lease_ms).await {
+                Ok(claimed) => claimed,
+                Err(e) if crate::store::is_transient(&e) => {
+                    debug!(error = %e, "claim lost a lock race; retrying");
+                    drop(first);
+                    sleep_or_cancel(Duration::from_millis(20), &shutdown).await;
+                    continue;
+                }
+                Err(e) => {
+                    error!(error = %e, "claiming due notifications failed; retrying in 1 s");
+                    drop(first);
+                    sleep_or_cancel(Duration::from_secs(1), &shutdown).await;
+                    continue;
+                }
+            };
+            let got = claimed.len();
+            let mut first = Some(first);
+            for c in claimed {
+                let permit = match first.take() {
+                    Some(p) => p,
+                    None => permits.clone().acquire_owned().await?,
+                };
+                held.lock()
+                    .expect("held claims lock")
+                    .insert(c.id.clone(), c.claim_token.clone());
+                let (this, tx, held) = (this.clone(), finish_tx.clone(), held.clone());
+                tasks.spawn(async move {
+                    let id = c.id.clone();
+                    let finish = this.attempt(c).await;
+                    if tx.send(finish).await.is_err() {
+                        warn!(notification_id = %id, "finisher gone; the lease will be reaped");
+                    }
+                    held.lock().expect("held claims lock").remove(&id);
+                    drop(permit);
+                });
+            }
+            if got < want {
+                let idle = Duration::from_millis(this.config.poll_interval_ms);
+                tokio::select! {
+                    () = tokio::time::sleep(idle) => {}
+                    () = this.wake.notified() => {}
+                    () = shutdown.cancelled() => {}
+                }
+            }
+        }
+        this.drain(tasks, &held).await;
+        drop(finish_tx);
+        finisher.await?;
+        reaper.await?;
+        info!("dispatcher stopped");
+        Ok(())
+    }
+
+    /// One attempt for a claimed notification, turned into the write that records it.
+    async fn attempt(&self, claimed: Claimed) -> Finish {
+        let number = claimed.attempts + 1;
+        let span = info_span!(
+            "attempt",
+            partner_id = %claimed.partner_id,
+            request_id = %claimed.request_id,
+            notification_id = %claimed.id,
+            attempt = number,
+        );
+        let result = self
+            .delivery
+            .attempt(&claimed)
+            .instrument(span.clone())
+            .await;
+        let now = now_ms();
+        let outcome = self.outcome(&result.verdict, number, now);
+        span.in_scope(|| match &outcome {
+            Outcome::Delivered => debug!(status = ?result.record.status_code, "delivered"),
+            Outcome::Retry { next_attempt_at_ms } => debug!(
+                error = ?result.record.error,
+                retry_in_ms = next_attempt_at_ms - now,
+                "attempt failed; retry scheduled"
+            ),
+            Outcome::Dead => warn!(error = ?result.record.error, "notification is dead"),
+        });
+        Finish {
+            id: claimed.id,
+            claim_token: claimed.claim_token,
+            number,
+            outcome,
+            attempt: result.record,
+            finished_at_ms: now,
+        }
+    }
+
+    fn outcome(&self, verdict: &Verdict, number: i64, now: i64) -> Outcome {
+        match verdict {
+            Verdict::Delivered => Outcome::Delivered,
+            Verdict::Final => Outcome::Dead,
+            Verdict::Failed { retry_after } => {
+                let delay =
+                    backoff::next_delay(&self.retry, number, *retry_after, &mut rand::rng());
+                match delay {
+                    Some(d) => Outcome::Retry {
+                        next_attempt_at_ms: now + i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+                    },
+                    None => Outcome::Dead,
+                }
+            }
+        }
+    }
+
+    /// Waits for in-flight attempts up to the drain deadline, then releases what is left.
+    async fn drain(&self, mut tasks: JoinSet<()>, held: &Held) {
+        let deadline = Duration::from_millis(self.config.drain_timeout_ms);
+        info!(in_flight = tasks.len(), "dispatcher draining");
+        let drained = tokio::time::timeout(deadline, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_ok() {
+            return;
+        }
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        let claims: Vec<(String, String)> =
+            held.lock().expect("held claims lock").drain().collect();
+        match self.store.release(&claims, now_ms()).await {
+            Ok(n) => info!(released = n, "released unfinished claims"),
+            Err(e) => warn!(error = %e, "could not release claims; their leases will expire"),
+        }
+    }
+}
+
+/// Writes outcomes in batches; retries while the database is away (the attempts are held in
+/// memory meanwhile, and the dispatcher stops claiming when the channel fills).
+async fn run_finisher(store: Store, mut rx: mpsc::Receiver<Finish>, shutdown: CancellationToken) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < FINISH_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        let mut failures = 0u32;
+        while let Err(e) = store.finish(&batch).await {
+            failures += 1;
+            if crate::store::is_transient(&e) && failures < 10 {
+                debug!(error = %e, "writing outcomes lost a lock race; retrying");
+                continue;
+            }
+            if shutdown.is_cancelled() && failures >= 5 {
+                error!(error = %e, lost = batch.len(), "giving up writing outcomes at shutdown; \
+                       those notifications will be attempted again after their leases expire");
+                break;
+            }
+            error!(error = %e, "writing attempt outcomes failed; retrying");
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(25)))).await;
+        }
+    }
+}
+
+/// Returns expired leases to `pending` every `reap_interval_ms`.
+async fn run_reaper(store: Store, config: DispatchConfig, shutdown: CancellationToken) {
+    let period = Duration::from_millis(config.reap_interval_ms);
+    while !shutdown.is_cancelled() {
+        match store.reap(now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => warn!(reaped = n, "returned expired leases to pending"),
+            Err(e) => warn!(error = %e, "reaping expired leases failed"),
+        }
+        sleep_or_cancel(period, &shutdown).await;
+    }
+}
+
+async fn sleep_or_cancel(period: Duration, shutdown: &CancellationToken) {
+    tokio::select! {
+        () = tokio::time::sleep(period) => {}
+        () = shutdown.cancelled() => {}
+    }
+}

@@ -1,0 +1,179 @@
+//! Starts the configured roles in one process and stops them together.
+//!
+//! `main` and the tests both call [`run`] with an already-bound listener and a cancellation
+//! token: the tests bind port 0 and cancel when done, `main` binds the configured address and
+//! cancels on SIGINT/SIGTERM.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::api::{AppState, router};
+use crate::config::Config;
+use crate::dispatch::{Delivery, Dispatcher};
+use crate::guard::AddressGuard;
+use crate::model::Limits;
+use crate::queue::{EmbeddedQueue, KafkaQueue, Queue, run_embedded_intake, run_kafka_intake};
+use crate::store::Store;
+
+/// Which parts of the gateway this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub api: bool,
+    pub intake: bool,
+    pub dispatch: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        api: true,
+        intake: true,
+        dispatch: true,
+    };
+}
+
+impl FromStr for Roles {
+    type Err = String;
+
+    /// `api,intake,dispatch` in any order and subset.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut roles = Roles {
+            api: false,
+            intake: false,
+            dispatch: false,
+        };
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "api" => roles.api = true,
+                "intake" => roles.intake = true,
+                "dispatch" => roles.dispatch = true,
+                other => return Err(format!("unknown role {other:?}; use api, intake, dispatch")),
+            }
+        }
+        if roles
+            == (Roles {
+                api: false,
+                intake: false,
+                dispatch: false,
+            })
+        {
+            return Err("give at least one role: api, intake, dispatch".into());
+        }
+        Ok(roles)
+    }
+}
+
+/// Runs `roles` until `shutdown` is cancelled or a role fails. `listener` is used by the API
+/// role (bound to `api.listen` when `None`).
+pub async fn run(
+    config: Config,
+    roles: Roles,
+    listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = Store::connect(&config.database).await?;
+    if config.database.migrate_on_start {
+        store.migrate().await?;
+    }
+    let wake = Arc::new(Notify::new());
+    let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+    let queue_timeout = Duration::from_millis(config.api.queue_timeout_ms);
+
+    let queue = match &config.kafka {
+        Some(kafka) => {
+            if roles.intake {
+                let run =
+                    run_kafka_intake(kafka.clone(), store.clone(), wake.clone(), shutdown.clone());
+                tasks.spawn(async move { ("intake", run.await) });
+            }
+            Queue::Kafka(KafkaQueue::new(kafka, queue_timeout)?)
+        }
+        None => {
+            let (queue, intake) = EmbeddedQueue::new(4096);
+            if roles.api {
+                let run = run_embedded_intake(intake, store.clone(), wake.clone(), 500);
+                tasks.spawn(async move {
+                    run.await;
+                    ("intake", Ok(()))
+                });
+            }
+            Queue::Embedded(queue)
+        }
+    };
+
+    if roles.dispatch {
+        let dispatcher = Dispatcher {
+            store: store.clone(),
+            delivery: Delivery::new(&config.outbound)?,
+            config: config.dispatch.clone(),
+            retry: config.retry.clone(),
+            wake: wake.clone(),
+        };
+        let run = dispatcher.run(shutdown.clone());
+        tasks.spawn(async move { ("dispatch", run.await) });
+    }
+
+    if roles.api {
+        let listener = match listener {
+            Some(l) => l,
+            None => TcpListener::bind(config.api.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.api.listen))?,
+        };
+        let state = Arc::new(AppState {
+            queue: queue.clone(),
+            store: store.clone(),
+            limits: Limits::default(),
+            guard: AddressGuard::new(config.outbound.allow_cidrs.clone()),
+            max_request_bytes: config.api.max_request_bytes,
+        });
+        info!(address = %listener.local_addr()?, mode = mode(&config), "API listening");
+        let app = router(state);
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            ("api", served.map_err(anyhow::Error::from))
+        });
+    }
+    // Only the API holds the embedded queue's sender: when the API stops, the intake drains
+    // what was submitted and stops too.
+    let producer = match queue {
+        Queue::Kafka(kafka) => Some(kafka),
+        embedded @ Queue::Embedded(_) => {
+            drop(embedded);
+            None
+        }
+    };
+
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        let (role, outcome) = joined.context("a gateway task panicked")?;
+        if let Err(e) = outcome {
+            error!(role, error = %e, "role failed; shutting down");
+            shutdown.cancel();
+            result = Err(e.context(format!("{role} failed")));
+        }
+        if let (Some(kafka), "api") = (&producer, role) {
+            kafka.flush(queue_timeout);
+        }
+    }
+    store.close().await;
+    result
+}
+
+fn mode(config: &Config) -> &'static str {
+    if config.kafka.is_some() {
+        "kafka"
+    } else {
+        "embedded"
+    }
+}

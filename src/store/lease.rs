@@ -1,0 +1,284 @@
+//! The lease state machine: claim due rows, finish them, return expired leases.
+//!
+//! `pending → in_flight` happens in one statement or transaction that also sets `lease_until` and
+//! a fresh `claim_token`; MySQL/MariaDB skip rows another dispatcher holds (`FOR UPDATE SKIP
+//! LOCKED`), SQLite serialises writers. Finishing checks the token, so a worker whose lease was
+//! reaped cannot overwrite the newer claim. No transaction is ever held across an HTTP call.
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{Dialect, Store, placeholders, state, text};
+use crate::model::Endpoint;
+
+/// A notification claimed for one delivery attempt.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: String,
+    pub request_id: String,
+    pub partner_id: String,
+    pub endpoints: Vec<Endpoint>,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Attempts made before this one.
+    pub attempts: i64,
+    pub created_at_ms: i64,
+    pub claim_token: String,
+}
+
+/// How an attempt ended for the notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Retry { next_attempt_at_ms: i64 },
+    Dead,
+}
+
+/// One attempt as recorded in the attempt log.
+#[derive(Debug, Clone, Default)]
+pub struct AttemptRecord {
+    pub endpoint: Option<String>,
+    pub plugin_version: Option<String>,
+    pub status_code: Option<i64>,
+    pub error_class: Option<String>,
+    pub error: Option<String>,
+    pub duration_ms: i64,
+    pub response_excerpt: Option<String>,
+    pub started_at_ms: i64,
+}
+
+/// The result of one attempt, ready to be written.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub id: String,
+    pub claim_token: String,
+    /// Number of this attempt (1 for the first).
+    pub number: i64,
+    pub outcome: Outcome,
+    pub attempt: AttemptRecord,
+    pub finished_at_ms: i64,
+}
+
+const CLAIM_COLUMNS: &str =
+    "id, request_id, partner_id, endpoints, headers, body, attempts, created_at";
+
+impl Store {
+    /// Claims up to `limit` due notifications for `lease_ms`.
+    pub async fn claim(
+        &self,
+        now_ms: i64,
+        limit: usize,
+        lease_ms: i64,
+    ) -> anyhow::Result<Vec<Claimed>> {
+        let token = uuid::Uuid::now_v7().simple().to_string();
+        match self.dialect {
+            Dialect::Sqlite => self.claim_sqlite(now_ms, limit, lease_ms, &token).await,
+            Dialect::Mysql => self.claim_mysql(now_ms, limit, lease_ms, &token).await,
+        }
+    }
+
+    async fn claim_sqlite(
+        &self,
+        now_ms: i64,
+        limit: usize,
+        lease_ms: i64,
+        token: &str,
+    ) -> anyhow::Result<Vec<Claimed>> {
+        let sql = format!(
+            "UPDATE notification SET state = ?, lease_until = ?, claim_token = ?, updated_at = ? \
+             WHERE id IN (SELECT id FROM notification WHERE state = ? AND next_attempt_at <= ? \
+             ORDER BY next_attempt_at LIMIT ?) RETURNING {CLAIM_COLUMNS}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(state::IN_FLIGHT)
+            .bind(now_ms + lease_ms)
+            .bind(token)
+            .bind(now_ms)
+            .bind(state::PENDING)
+            .bind(now_ms)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| claimed_from_row(r, token)).collect()
+    }
+
+    async fn claim_mysql(
+        &self,
+        now_ms: i64,
+        limit: usize,
+        lease_ms: i64,
+        token: &str,
+    ) -> anyhow::Result<Vec<Claimed>> {
+        let mut tx = self.pool.begin().await?;
+        let sql = format!(
+            "SELECT {CLAIM_COLUMNS} FROM notification WHERE state = ? AND next_attempt_at <= ? \
+             ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(state::PENDING)
+            .bind(now_ms)
+            .bind(limit as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+        // Decode before committing: a row that cannot be read must not be left in flight.
+        let claimed: Vec<Claimed> = rows
+            .iter()
+            .map(|r| claimed_from_row(r, token))
+            .collect::<anyhow::Result<_>>()?;
+        if claimed.is_empty() {
+            tx.rollback().await?;
+            return Ok(claimed);
+        }
+        let sql = format!(
+            "UPDATE notification SET state = ?, lease_until = ?, claim_token = ?, updated_at = ? \
+             WHERE id IN ({})",
+            placeholders(claimed.len())
+        );
+        let mut update = sqlx::query(&sql)
+            .bind(state::IN_FLIGHT)
+            .bind(now_ms + lease_ms)
+            .bind(token)
+            .bind(now_ms);
+        for c in &claimed {
+            update = update.bind(c.id.as_str());
+        }
+        update.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(claimed)
+    }
+
+    /// Writes attempt outcomes and their log rows in one transaction. Returns how many
+    /// notifications were updated; a finish whose claim was lost (lease reaped) updates nothing
+    /// but its attempt is still logged.
+    pub async fn finish(&self, batch: &[Finish]) -> anyhow::Result<u64> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        // Rows are updated in id order so that concurrent finishers lock in the same order.
+        let mut ordered: Vec<&Finish> = batch.iter().collect();
+        ordered.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut tx = self.pool.begin().await?;
+        let mut updated = 0;
+        for f in ordered {
+            let (next_state, next_at, delivered_at) = match f.outcome {
+                Outcome::Delivered => (state::DELIVERED, None, Some(f.finished_at_ms)),
+                Outcome::Retry { next_attempt_at_ms } => {
+                    (state::PENDING, Some(next_attempt_at_ms), None)
+                }
+                Outcome::Dead => (state::DEAD, None, None),
+            };
+            let result = sqlx::query(
+                "UPDATE notification SET state = ?, attempts = ?, \
+                 next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ?, \
+                 last_error = ?, lease_until = NULL, claim_token = NULL, updated_at = ? \
+                 WHERE id = ? AND claim_token = ?",
+            )
+            .bind(next_state)
+            .bind(f.number)
+            .bind(next_at)
+            .bind(delivered_at)
+            .bind(f.attempt.error.as_deref())
+            .bind(f.finished_at_ms)
+            .bind(f.id.as_str())
+            .bind(f.claim_token.as_str())
+            .execute(&mut *tx)
+            .await?;
+            updated += result.rows_affected();
+        }
+        let sql = format!(
+            "INSERT INTO attempt (notification_id, number, endpoint, plugin_version, status_code, \
+             error_class, error, duration_ms, response_excerpt, started_at) VALUES {}",
+            vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; batch.len()].join(", ")
+        );
+        let mut insert = sqlx::query(&sql);
+        for f in batch {
+            let a = &f.attempt;
+            insert = insert
+                .bind(f.id.as_str())
+                .bind(f.number)
+                .bind(a.endpoint.as_deref())
+                .bind(a.plugin_version.as_deref())
+                .bind(a.status_code)
+                .bind(a.error_class.as_deref())
+                .bind(a.error.as_deref())
+                .bind(a.duration_ms)
+                .bind(a.response_excerpt.as_deref())
+                .bind(a.started_at_ms);
+        }
+        insert.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    /// Returns leases that expired before `now_ms` to `pending`, due at once. Finds them with
+    /// a plain read, then updates by primary key with the expiry re-checked, so it never locks
+    /// rows whose leases are alive.
+    pub async fn reap(&self, now_ms: i64) -> anyhow::Result<u64> {
+        let expired: Vec<String> = sqlx::query(
+            "SELECT id FROM notification WHERE state = ? AND lease_until < ? LIMIT 1000",
+        )
+        .bind(state::IN_FLIGHT)
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<_, _>>()?;
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "UPDATE notification SET state = ?, lease_until = NULL, claim_token = NULL, \
+             next_attempt_at = ?, updated_at = ? WHERE state = ? AND lease_until < ? \
+             AND id IN ({})",
+            placeholders(expired.len())
+        );
+        let mut update = sqlx::query(&sql)
+            .bind(state::PENDING)
+            .bind(now_ms)
+            .bind(now_ms)
+            .bind(state::IN_FLIGHT)
+            .bind(now_ms);
+        for id in &expired {
+            update = update.bind(id.as_str());
+        }
+        Ok(update.execute(&self.pool).await?.rows_affected())
+    }
+
+    /// Gives claims back unfinished (shutdown): the rows are due again at once.
+    pub async fn release(&self, claims: &[(String, String)], now_ms: i64) -> anyhow::Result<u64> {
+        let mut released = 0;
+        let mut tx = self.pool.begin().await?;
+        for (id, token) in claims {
+            let result = sqlx::query(
+                "UPDATE notification SET state = ?, lease_until = NULL, claim_token = NULL, \
+                 updated_at = ? WHERE id = ? AND claim_token = ?",
+            )
+            .bind(state::PENDING)
+            .bind(now_ms)
+            .bind(id.as_str())
+            .bind(token.as_str())
+            .execute(&mut *tx)
+            .await?;
+            released += result.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(released)
+    }
+}
+
+fn claimed_from_row(row: &AnyRow, token: &str) -> anyhow::Result<Claimed> {
+    let endpoints = text(row, "endpoints")?;
+    let headers = text(row, "headers")?;
+    Ok(Claimed {
+        id: row.try_get("id")?,
+        request_id: row.try_get("request_id")?,
+        partner_id: row.try_get("partner_id")?,
+        endpoints: serde_json::from_str(&endpoints)?,
+        headers: serde_json::from_str(&headers)?,
+        body: row.try_get("body")?,
+        attempts: row.try_get("attempts")?,
+        created_at_ms: row.try_get("created_at")?,
+        claim_token: token.to_string(),
+    })
+}

@@ -1,0 +1,12 @@
+//! Integration tests: one binary, real services.
+//!
+//! Kafka-mode tests run against the MariaDB and the Kafka-protocol broker that `scripts/test`
+//! starts (it exports `API_NOTIFY_TEST_MYSQL` and `API_NOTIFY_TEST_KAFKA`); embedded-mode tests
+//! use a SQLite file in a temporary directory. Receivers are local recording servers.
+
+#![allow(unreachable_pub)] // a test binary exports nothing
+
+mod api;
+mod pipeline;
+mod processes;
+mod support;
