@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 /// The `[plugins]` table of the gateway config.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PluginsConfig {
     /// Directory holding one `<partner_id>/plugin.wasm` (+ `plugin.toml`) per partner.
@@ -49,16 +49,19 @@ pub struct PluginsConfig {
 }
 
 /// One host-held key. Exactly one of the fields must be set.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     /// HMAC secret in Standard Webhooks form: `whsec_` followed by base64 of at least 24 bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub hmac_secret: Option<Secret>,
     /// Ed25519 private key: base64 of the 32-byte seed.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ed25519_seed: Option<Secret>,
 }
 
-/// A secret string whose `Debug` and `Display` never show the value.
+/// A secret string whose `Debug`, `Display` and `Serialize` never show the value (serializing
+/// writes `<redacted>`, so a serialized config cannot be loaded back with its keys).
 #[derive(Clone, Default, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -202,6 +205,12 @@ impl fmt::Debug for Secret {
     }
 }
 
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("<redacted>")
+    }
+}
+
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
@@ -230,6 +239,23 @@ mod tests {
         assert!(
             config.keys.contains_key("acme-signing"),
             "the key should be read by name"
+        );
+    }
+
+    #[test]
+    fn serialized_config_redacts_secrets() {
+        let key = KeyConfig {
+            hmac_secret: Some(Secret::new("whsec_topsecret")),
+            ..Default::default()
+        };
+        let config = PluginsConfig {
+            keys: BTreeMap::from([("k".to_owned(), key)]),
+            ..Default::default()
+        };
+        let text = toml::to_string(&config).expect("the config serializes");
+        assert!(
+            !text.contains("topsecret"),
+            "secret text must not be serialized: {text}"
         );
     }
 
