@@ -87,7 +87,8 @@ pub struct Plugins {
 
 impl Plugins {
     /// Loads every `<dir>/<partner_id>/plugin.wasm` present. A bad plugin is logged and skipped;
-    /// a bad `[plugins]` config (such as an invalid key) is an error.
+    /// a bad `[plugins]` config (such as an invalid key) is an error. Compiles on the calling
+    /// thread (about 0.1 s per plugin): from async code, call it in `spawn_blocking`.
     pub fn load(config: &PluginsConfig) -> anyhow::Result<Self> {
         Self::load_with_clock(config, Arc::new(system_time_ms))
     }
