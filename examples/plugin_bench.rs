@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
         "spawn_blocking round trip: {:.1} µs",
         spawn_blocking_us().await?
     );
+    println!("block_in_place: {:.1} µs", block_in_place_us());
 
     for (name, plugins) in [
         ("warm instances", &warm),
@@ -142,6 +143,14 @@ async fn plugin_us(
 
 fn ms(elapsed: Duration) -> f64 {
     elapsed.as_secs_f64() * 1e3
+}
+
+fn block_in_place_us() -> f64 {
+    let started = Instant::now();
+    for _ in 0..CALLS {
+        tokio::task::block_in_place(|| std::hint::black_box(()));
+    }
+    started.elapsed().as_secs_f64() * 1e6 / f64::from(CALLS)
 }
 
 async fn spawn_blocking_us() -> anyhow::Result<f64> {

@@ -19,6 +19,7 @@ mod validate;
 
 use std::sync::Arc;
 
+use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -128,6 +129,8 @@ impl Plugins {
         self.registry.stats()
     }
 
+    /// Runs the call off the async executor: in place on a multi-threaded runtime (the worker
+    /// hands its other tasks to another thread), else on the blocking pool.
     async fn run(
         &self,
         plugin: Arc<Loaded>,
@@ -138,9 +141,12 @@ impl Plugins {
             .acquire_owned()
             .await
             .map_err(|_| PluginError::Unavailable("plugin runtime is closed".to_owned()))?;
+        if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
+            return tokio::task::block_in_place(|| self.registry.call(&plugin, request));
+        }
+
         let registry = Arc::clone(&self.registry);
         let span = tracing::Span::current();
-
         let joined = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             span.in_scope(|| registry.call(&plugin, request))

@@ -56,6 +56,41 @@ async fn infinite_loop_is_stopped_by_the_deadline() {
     assert_good_partner_still_served(&plugins).await;
 }
 
+// One worker: if the plugin ran on it, the ticker could not run until the call ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_looping_plugin_does_not_stall_other_tasks() {
+    let dir = PluginDir::new();
+    let plugins = load_with(&wat::infinite_loop(false), &dir, &dir.config());
+    let (ticks_sender, mut ticks) = tokio::sync::mpsc::unbounded_channel();
+    let ticker = tokio::spawn(async move {
+        for tick in 0..10_000u32 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            if ticks_sender.send(tick).is_err() {
+                return;
+            }
+        }
+    });
+
+    // Wait for the ticker to run once, so progress during the call is what gets counted.
+    ticks
+        .recv()
+        .await
+        .expect("the ticker should tick before the call");
+    let error = hostile_call(&plugins).await;
+    let during_call = std::iter::from_fn(|| ticks.try_recv().ok()).count();
+    ticker.abort();
+
+    assert_eq!(
+        error,
+        PluginError::Timeout { limit_ms: 50 },
+        "the loop should end as a timeout"
+    );
+    assert!(
+        during_call > 0,
+        "other tasks should keep running while a plugin spins"
+    );
+}
+
 #[tokio::test]
 async fn a_plugin_that_loops_on_the_probe_is_never_loaded() {
     let dir = PluginDir::new();
