@@ -1,5 +1,7 @@
 //! Hostile plugins: each is contained as a `PluginError` and the gateway keeps serving others.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use api_notify::plugin::{PluginError, Plugins, plugin_check};
@@ -56,28 +58,27 @@ async fn infinite_loop_is_stopped_by_the_deadline() {
     assert_good_partner_still_served(&plugins).await;
 }
 
-// One worker: if the plugin ran on it, the ticker could not run until the call ended.
+// One worker: if the plugin ran on it, the ticker could not run until the call ended. Both tasks
+// are spawned, since the test body itself runs on the main thread, not on the worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_looping_plugin_does_not_stall_other_tasks() {
     let dir = PluginDir::new();
     let plugins = load_with(&wat::infinite_loop(false), &dir, &dir.config());
-    let (ticks_sender, mut ticks) = tokio::sync::mpsc::unbounded_channel();
-    let ticker = tokio::spawn(async move {
-        for tick in 0..10_000u32 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            if ticks_sender.send(tick).is_err() {
-                return;
-            }
-        }
-    });
+    let ticks = Arc::new(AtomicU32::new(0));
+    let ticker = tokio::spawn(count_milliseconds(Arc::clone(&ticks)));
 
-    // Wait for the ticker to run once, so progress during the call is what gets counted.
-    ticks
-        .recv()
-        .await
-        .expect("the ticker should tick before the call");
-    let error = hostile_call(&plugins).await;
-    let during_call = std::iter::from_fn(|| ticks.try_recv().ok()).count();
+    let caller = tokio::spawn(async move {
+        for _ in 0..5_000 {
+            if ticks.load(Ordering::Relaxed) > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let before = ticks.load(Ordering::Relaxed);
+        let error = hostile_call(&plugins).await;
+        (error, ticks.load(Ordering::Relaxed) - before)
+    });
+    let (error, ticks_during_call) = caller.await.expect("the calling task should not panic");
     ticker.abort();
 
     assert_eq!(
@@ -86,9 +87,17 @@ async fn a_looping_plugin_does_not_stall_other_tasks() {
         "the loop should end as a timeout"
     );
     assert!(
-        during_call > 0,
+        ticks_during_call > 0,
         "other tasks should keep running while a plugin spins"
     );
+}
+
+/// Counts milliseconds (at most 10 000) into `ticks`.
+async fn count_milliseconds(ticks: Arc<AtomicU32>) {
+    for _ in 0..10_000 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        ticks.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 #[tokio::test]
