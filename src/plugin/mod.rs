@@ -1,8 +1,9 @@
 //! Per-partner WebAssembly plugins: a partner's component reshapes or signs each outbound
 //! request just before it is sent.
 //!
-//! The dispatcher calls [`Plugins::transform`] once per attempt; `None` means the partner has no
-//! plugin and the request goes out as it is. A plugin failure of any kind is a
+//! The dispatcher calls [`Plugins::transform`] right before each POST (per attempt and endpoint,
+//! since the URL is part of the request) and sends exactly what comes back; `None` means the
+//! partner has no plugin and the request goes out as it is. A plugin failure of any kind is a
 //! [`PluginError`] — an attempt failure of class `plugin`, retried like any other — and never
 //! takes the gateway down. The interface is `wit/plugin.wit`; the operator guide is
 //! `docs/plugins.md`. Where things live: limits and `plugin.toml` in `config`, keys in `keys`,
@@ -157,6 +158,14 @@ impl Plugins {
                 "plugin worker failed: {error}"
             )))
         })
+    }
+}
+
+impl std::fmt::Debug for Plugins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugins")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
     }
 }
 
