@@ -278,3 +278,33 @@ async fn plugin_check_prints_the_transformed_request() {
         "the partner should default to the directory name:\n{text}"
     );
 }
+
+#[tokio::test]
+async fn plugin_check_runs_the_request_from_a_file() {
+    let dir = PluginDir::new();
+    dir.install("fine", &wasm(&wat::echo_version("7")), "");
+    let request_file = dir.root.path().join("request.json");
+    let request = r#"{"url": "http://127.0.0.1:18001/hook", "body": "{\"order\":\"B-2\"}"}"#;
+    std::fs::write(&request_file, request).expect("the request file can be written");
+
+    let text = plugin_check(
+        &dir.partner_dir("fine"),
+        Some("acme"),
+        Some(&request_file),
+        &dir.config(),
+    )
+    .await
+    .expect("the echo plugin passes");
+    assert!(
+        text.contains("POST http://127.0.0.1:18001/hook"),
+        "the file's URL should be used:\n{text}"
+    );
+    assert!(
+        text.contains(r#"{"order":"B-2"}"#),
+        "the file's body should be shown:\n{text}"
+    );
+    assert!(
+        text.contains("partner: acme"),
+        "--partner should be used:\n{text}"
+    );
+}
