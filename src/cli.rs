@@ -26,6 +26,9 @@ pub struct Cli {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// API token for send, status and replay.
+    #[arg(long, global = true, env = "API_NOTIFY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// Commands.
@@ -64,6 +67,35 @@ pub enum Command {
         url: String,
         request_id: String,
     },
+    /// Deliver again, with the same webhook-id: one notification by request id, or a range of
+    /// a partner's finished notifications.
+    Replay {
+        #[arg(long, env = "API_NOTIFY_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The notification to replay.
+        #[arg(required_unless_present = "partner", conflicts_with = "partner")]
+        request_id: Option<String>,
+        /// Replay a range of this partner's notifications.
+        #[arg(long, requires_all = ["since", "until"])]
+        partner: Option<String>,
+        /// Accepted at or after: RFC 3339 time (2026-12-04T10:00:00Z) or milliseconds.
+        #[arg(long)]
+        since: Option<String>,
+        /// Accepted at or before: RFC 3339 time or milliseconds.
+        #[arg(long)]
+        until: Option<String>,
+        /// `dead` or `delivered`.
+        #[arg(long, default_value = "dead")]
+        state: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -81,6 +113,23 @@ pub enum ConfigCommand {
     },
 }
 
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a new random token; prints it once, with the `[[api.tokens]]` entry to configure.
+    New {
+        /// Who will hold it (shown in logs).
+        #[arg(long)]
+        name: String,
+        /// A partner id it may use; repeat for several; `*` for all.
+        #[arg(long = "partner")]
+        partners: Vec<String>,
+        /// Allow operator routes (replay, partner state).
+        #[arg(long)]
+        admin: bool,
+    },
+}
+
 impl Cli {
     /// The demo prints its own story; the server logs at info.
     pub fn default_log_level(&self) -> &'static str {
@@ -93,6 +142,7 @@ impl Cli {
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = api_client(cli.token.as_deref())?;
     match cli.command {
         Command::Serve {
             config,
@@ -101,8 +151,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => serve(config.as_deref(), listen, roles).await,
         Command::Migrate { config } => migrate(config.as_deref()).await,
         Command::Demo => crate::demo::run().await,
-        Command::Send { url, file } => send(&url, &file).await,
-        Command::Status { url, request_id } => status(&url, &request_id).await,
+        Command::Send { url, file } => send(&client, &url, &file).await,
+        Command::Status { url, request_id } => status(&client, &url, &request_id).await,
+        replay @ Command::Replay { .. } => run_replay(&client, replay).await,
+        Command::Token {
+            command:
+                TokenCommand::New {
+                    name,
+                    partners,
+                    admin,
+                },
+        } => new_token(&name, &partners, admin),
         Command::Config {
             command: ConfigCommand::Check { config },
         } => {
@@ -111,6 +170,50 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A client for the gateway's API, sending the token when one is given.
+fn api_client(token: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        let mut value = reqwest::header::HeaderValue::try_from(format!("Bearer {token}"))
+            .context("the token has characters a header cannot carry")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
+}
+
+async fn run_replay(client: &reqwest::Client, command: Command) -> anyhow::Result<()> {
+    let Command::Replay {
+        url,
+        request_id,
+        partner,
+        since,
+        until,
+        state,
+        limit,
+    } = command
+    else {
+        anyhow::bail!("not a replay command");
+    };
+    let (path, body) = match (request_id, partner) {
+        (Some(id), _) => (
+            format!("/v1/notifications/{id}/replay"),
+            serde_json::json!({}),
+        ),
+        (None, Some(partner)) => {
+            let since_ms = parse_time(since.as_deref().unwrap_or_default())?;
+            let until_ms = parse_time(until.as_deref().unwrap_or_default())?;
+            let body = serde_json::json!({"partner_id": partner, "since_ms": since_ms,
+                "until_ms": until_ms, "state": state, "limit": limit});
+            ("/v1/replays".to_string(), body)
+        }
+        (None, None) => anyhow::bail!("give a request id or --partner"),
+    };
+    post_json(client, &url, &path, &body).await
 }
 
 async fn serve(
@@ -156,7 +259,7 @@ async fn migrate(file: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn send(url: &str, file: &Path) -> anyhow::Result<()> {
+async fn send(client: &reqwest::Client, url: &str, file: &Path) -> anyhow::Result<()> {
     let text = if file == Path::new("-") {
         let mut s = String::new();
         std::io::stdin()
@@ -166,7 +269,6 @@ async fn send(url: &str, file: &Path) -> anyhow::Result<()> {
     } else {
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
     };
-    let client = reqwest::Client::new();
     let endpoint = format!("{}/v1/notifications", url.trim_end_matches('/'));
     let mut failed = 0;
     for (number, line) in notification_documents(&text) {
@@ -201,12 +303,72 @@ fn notification_documents(text: &str) -> Vec<(usize, &str)> {
         .collect()
 }
 
-async fn status(url: &str, request_id: &str) -> anyhow::Result<()> {
+fn new_token(name: &str, partners: &[String], admin: bool) -> anyhow::Result<()> {
+    use base64::Engine;
+    use rand::RngCore;
+    anyhow::ensure!(
+        admin || !partners.is_empty(),
+        "give --partner (repeatable) or --admin"
+    );
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = format!(
+        "ant_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    let entry = crate::config::TokenConfig {
+        name: name.to_string(),
+        sha256: crate::api::auth::hash_token(&token),
+        partners: partners.to_vec(),
+        admin,
+    };
+    println!("token: {token}\n(give it to the caller; only its hash below is configured)\n");
+    println!("[[api.tokens]]\n{}", toml::to_string(&entry)?);
+    Ok(())
+}
+
+/// RFC 3339 time or milliseconds since the epoch.
+fn parse_time(text: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    let at = humantime::parse_rfc3339_weak(text)
+        .with_context(|| format!("{text:?} is neither an RFC 3339 time nor milliseconds"))?;
+    let ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    Ok(i64::try_from(ms)?)
+}
+
+async fn post_json(
+    client: &reqwest::Client,
+    url: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let endpoint = format!("{}{path}", url.trim_end_matches('/'));
+    let response = client
+        .post(&endpoint)
+        .json(body)
+        .send()
+        .await
+        .with_context(|| format!("posting to {endpoint}"))?;
+    let status = response.status();
+    let answer: serde_json::Value = response.json().await.context("the answer is not JSON")?;
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    anyhow::ensure!(status.is_success(), "the gateway answered {status}");
+    Ok(())
+}
+
+async fn status(client: &reqwest::Client, url: &str, request_id: &str) -> anyhow::Result<()> {
     let endpoint = format!(
         "{}/v1/notifications/{request_id}",
         url.trim_end_matches('/')
     );
-    let response = reqwest::get(&endpoint)
+    let response = client
+        .get(&endpoint)
+        .send()
         .await
         .with_context(|| format!("asking {endpoint}"))?;
     let status = response.status();

@@ -4,6 +4,7 @@
 //! Unknown keys are errors that name the key. Secrets (the database password) live in
 //! [`Secret`] so that `Debug` and `Display` never print them.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -27,6 +28,62 @@ pub struct Config {
     pub outbound: OutboundConfig,
     pub retry: RetryConfig,
     pub dispatch: DispatchConfig,
+    /// Settings every partner gets unless `[partners.<id>]` overrides them.
+    pub partner_defaults: PartnerSettings,
+    /// Per-partner overrides; keys are partner ids.
+    pub partners: BTreeMap<String, PartnerOverride>,
+    pub retention: RetentionConfig,
+}
+
+/// Delivery policy for one partner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PartnerSettings {
+    /// Deliveries in flight at once for this partner, per dispatcher process.
+    pub max_in_flight: usize,
+    /// Requests per second; 0 means no limit.
+    pub rate_limit_per_sec: u32,
+    /// Total deadline of one POST; 0 means `outbound.request_timeout_ms`.
+    pub request_timeout_ms: u64,
+    /// Retry schedule; empty means `retry.schedule_secs`.
+    pub retry_schedule_secs: Vec<u64>,
+    /// One delivery at a time, in order of acceptance; a failing head blocks the partner.
+    pub fifo: bool,
+    /// Consecutive failed attempts (transport errors, 5xx, 429, 408) that open the breaker.
+    pub breaker_failure_threshold: u32,
+    /// How long an open breaker waits before one probe attempt.
+    pub breaker_cooldown_ms: u64,
+}
+
+/// `[partners.<id>]`: any subset of [`PartnerSettings`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PartnerOverride {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_sec: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_schedule_secs: Option<Vec<u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fifo: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaker_failure_threshold: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaker_cooldown_ms: Option<u64>,
+}
+
+/// How long finished notifications and their attempts are kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Delivered and dead notifications older than this are purged; 0 keeps them forever.
+    pub max_age_secs: u64,
+    /// Rows deleted per statement, so a purge never holds long locks.
+    pub purge_batch: usize,
+    pub purge_interval_secs: u64,
 }
 
 /// The ingest HTTP API.
@@ -38,6 +95,25 @@ pub struct ApiConfig {
     pub max_request_bytes: usize,
     /// How long ingest waits for the queue to acknowledge before answering 503.
     pub queue_timeout_ms: u64,
+    /// Bearer tokens; none means the API is open, which is allowed only on loopback.
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// One API token, as `[[api.tokens]]`. Only the token's hash is configured
+/// (`api-notify token new` prints both).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it, for logs.
+    pub name: String,
+    /// Hex SHA-256 of the token.
+    pub sha256: String,
+    /// Partner ids the token may use; `["*"]` for all.
+    #[serde(default)]
+    pub partners: Vec<String>,
+    /// May call operator routes (replay, partner state).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 /// The store.
@@ -114,6 +190,7 @@ impl Default for ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_request_bytes: 1024 * 1024,
             queue_timeout_ms: 5_000,
+            tokens: Vec::new(),
         }
     }
 }
@@ -185,7 +262,52 @@ impl Default for DispatchConfig {
     }
 }
 
+impl Default for PartnerSettings {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 64,
+            rate_limit_per_sec: 0,
+            request_timeout_ms: 0,
+            retry_schedule_secs: Vec::new(),
+            fifo: false,
+            breaker_failure_threshold: 10,
+            breaker_cooldown_ms: 30_000,
+        }
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            max_age_secs: 7 * 24 * 3600,
+            purge_batch: 500,
+            purge_interval_secs: 60,
+        }
+    }
+}
+
 impl Config {
+    /// The effective settings of `partner_id`: defaults with its overrides applied.
+    pub fn partner(&self, partner_id: &str) -> PartnerSettings {
+        let mut s = self.partner_defaults.clone();
+        let Some(o) = self.partners.get(partner_id) else {
+            return s;
+        };
+        s.max_in_flight = o.max_in_flight.unwrap_or(s.max_in_flight);
+        s.rate_limit_per_sec = o.rate_limit_per_sec.unwrap_or(s.rate_limit_per_sec);
+        s.request_timeout_ms = o.request_timeout_ms.unwrap_or(s.request_timeout_ms);
+        s.retry_schedule_secs = o
+            .retry_schedule_secs
+            .clone()
+            .unwrap_or(s.retry_schedule_secs);
+        s.fifo = o.fifo.unwrap_or(s.fifo);
+        s.breaker_failure_threshold = o
+            .breaker_failure_threshold
+            .unwrap_or(s.breaker_failure_threshold);
+        s.breaker_cooldown_ms = o.breaker_cooldown_ms.unwrap_or(s.breaker_cooldown_ms);
+        s
+    }
+
     /// Defaults, then `file` if given, then the environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
@@ -217,6 +339,42 @@ impl Config {
             "dispatch.lease_secs ({} s) must exceed outbound.request_timeout_ms + \
              outbound.connect_timeout_ms so that two workers never post the same row at once",
             d.lease_secs
+        );
+        for (i, t) in self.api.tokens.iter().enumerate() {
+            anyhow::ensure!(
+                t.sha256.len() == 64 && t.sha256.bytes().all(|b| b.is_ascii_hexdigit()),
+                "api.tokens[{i}].sha256 must be 64 hex digits (the SHA-256 of the token)"
+            );
+            anyhow::ensure!(
+                t.admin || !t.partners.is_empty(),
+                "api.tokens[{i}] ({}) allows no partner and is not admin",
+                t.name
+            );
+        }
+        anyhow::ensure!(
+            !self.api.tokens.is_empty() || self.api.listen.ip().is_loopback(),
+            "api.tokens is empty, so the API would be open to anyone on {}: add tokens \
+             (api-notify token new) or listen on a loopback address",
+            self.api.listen
+        );
+        for id in self.partners.keys() {
+            let p = self.partner(id);
+            anyhow::ensure!(
+                p.max_in_flight > 0,
+                "partners.{id}.max_in_flight must be at least 1"
+            );
+            anyhow::ensure!(
+                p.request_timeout_ms == 0 || p.request_timeout_ms < d.lease_secs * 1000,
+                "partners.{id}.request_timeout_ms must be shorter than dispatch.lease_secs"
+            );
+        }
+        anyhow::ensure!(
+            !self.partner_defaults.fifo,
+            "partner_defaults.fifo must be false: turn FIFO on per partner in [partners.<id>]"
+        );
+        anyhow::ensure!(
+            self.partner_defaults.max_in_flight > 0,
+            "partner_defaults.max_in_flight must be at least 1"
         );
         anyhow::ensure!(
             self.retry.jitter_percent <= 100,

@@ -13,11 +13,11 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::api::{AppState, router};
 use crate::config::Config;
-use crate::dispatch::{Delivery, Dispatcher};
+use crate::dispatch::{Delivery, Dispatcher, Partners};
 use crate::guard::AddressGuard;
 use crate::model::Limits;
 use crate::queue::{EmbeddedQueue, KafkaQueue, Queue, run_embedded_intake, run_kafka_intake};
@@ -114,13 +114,17 @@ pub async fn run(
             delivery: Delivery::new(&config.outbound)?,
             config: config.dispatch.clone(),
             retry: config.retry.clone(),
+            retention: config.retention.clone(),
+            partners: Arc::new(Partners::new(config.clone())),
             wake: wake.clone(),
         };
         let run = dispatcher.run(shutdown.clone());
         tasks.spawn(async move { ("dispatch", run.await) });
     }
 
-    if roles.api {
+    if !roles.api {
+        drop(listener); // never leave a socket accepting connections nobody serves
+    } else {
         let listener = match listener {
             Some(l) => l,
             None => TcpListener::bind(config.api.listen)
@@ -133,7 +137,12 @@ pub async fn run(
             limits: Limits::default(),
             guard: AddressGuard::new(config.outbound.allow_cidrs.clone()),
             max_request_bytes: config.api.max_request_bytes,
+            config: config.clone(),
+            tokens: crate::api::auth::Tokens::new(&config.api.tokens),
         });
+        if state.tokens.is_open() {
+            warn!("authentication is off (no api.tokens): the API accepts anyone on loopback");
+        }
         info!(address = %listener.local_addr()?, mode = mode(&config), "API listening");
         let app = router(state);
         let stop = shutdown.clone();

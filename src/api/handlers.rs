@@ -5,12 +5,13 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::Serialize;
 use serde_json::json;
 use tracing::{error, warn};
 
+use super::auth::Caller;
 use super::{ApiError, AppState};
 use crate::model::parse_notification;
 use crate::queue::{QueueError, Submitted};
@@ -29,6 +30,7 @@ pub struct AcceptedOut {
 /// `POST /v1/notifications`
 pub(super) async fn create(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<AcceptedOut>), ApiError> {
@@ -41,6 +43,7 @@ pub(super) async fn create(
         )
     })?;
     let notification = parse_notification(&body, &state.limits, &state.guard)?;
+    caller.check_partner(&notification.partner_id)?;
     let request_id = notification.request_id.clone();
     let answer = |status, id: String, duplicate| {
         Ok((
@@ -102,10 +105,14 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 /// `GET /v1/notifications/{request_id}`
 pub(super) async fn status(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(request_id): Path<String>,
 ) -> Result<Json<NotificationStatus>, ApiError> {
     match state.store.status(&request_id).await {
-        Ok(Some(status)) => Ok(Json(status)),
+        Ok(Some(status)) => {
+            caller.check_partner(&status.partner_id)?;
+            Ok(Json(status))
+        }
         Ok(None) => Err(ApiError::not_found(format!(
             "no notification with request_id {request_id}"
         ))),

@@ -4,15 +4,19 @@
 //! the queue acknowledged it. Routes are built by [`router`] so tests can drive them without a
 //! socket.
 
+mod admin;
+pub mod auth;
 mod error;
 mod handlers;
 
+pub use admin::{MAX_RANGE_REPLAY, PartnerOut, ReplayOut, ReplayRangeIn, ReplayRangeOut};
 pub use handlers::AcceptedOut;
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware;
 use axum::routing::{get, post};
 use tower_http::trace::TraceLayer;
 
@@ -30,14 +34,26 @@ pub struct AppState {
     pub limits: Limits,
     pub guard: AddressGuard,
     pub max_request_bytes: usize,
+    /// For partner settings in operator answers.
+    pub config: crate::config::Config,
+    pub tokens: auth::Tokens,
 }
 
 /// All routes.
 pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = state.max_request_bytes;
-    Router::new()
+    let v1 = Router::new()
         .route("/v1/notifications", post(handlers::create))
         .route("/v1/notifications/{request_id}", get(handlers::status))
+        .route(
+            "/v1/notifications/{request_id}/replay",
+            post(admin::replay_one),
+        )
+        .route("/v1/replays", post(admin::replay_range))
+        .route("/v1/partners/{partner_id}", get(admin::partner))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require));
+    Router::new()
+        .merge(v1)
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .layer(DefaultBodyLimit::max(body_limit))

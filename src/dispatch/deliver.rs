@@ -32,6 +32,20 @@ pub enum Verdict {
     Final,
 }
 
+impl AttemptResult {
+    /// True when the failure says the partner is unhealthy (feeds the circuit breaker): no
+    /// answer at all, 5xx, 429 or 408. Other 4xx mean the partner is up and said no.
+    pub fn partner_unhealthy(&self) -> bool {
+        if !matches!(self.verdict, Verdict::Failed { .. }) {
+            return false;
+        }
+        match self.record.status_code {
+            Some(code) => code >= 500 || code == 429 || code == 408,
+            None => true,
+        }
+    }
+}
+
 /// An attempt's verdict and its log row.
 #[derive(Debug, Clone)]
 pub struct AttemptResult {
@@ -66,8 +80,9 @@ impl Delivery {
         })
     }
 
-    /// Makes attempt number `claimed.attempts + 1`.
-    pub async fn attempt(&self, claimed: &Claimed) -> AttemptResult {
+    /// Makes attempt number `claimed.attempts + 1`; `timeout` overrides the client's total
+    /// deadline per POST.
+    pub async fn attempt(&self, claimed: &Claimed, timeout: Option<Duration>) -> AttemptResult {
         let started_at_ms = now_ms();
         let clock = Instant::now();
         let mut failures: Vec<String> = Vec::new();
@@ -81,7 +96,7 @@ impl Delivery {
                 ));
                 continue;
             }
-            match self.post(claimed, endpoint).await {
+            match self.post(claimed, endpoint, timeout).await {
                 Ok(response) => {
                     let mut result = self.judge(response).await;
                     result.record.endpoint = Some(endpoint.to_string());
@@ -119,6 +134,7 @@ impl Delivery {
         &self,
         claimed: &Claimed,
         endpoint: &Endpoint,
+        timeout: Option<Duration>,
     ) -> reqwest::Result<reqwest::Response> {
         let mut headers = HeaderMap::with_capacity(claimed.headers.len() + 2);
         for (name, value) in &claimed.headers {
@@ -132,12 +148,11 @@ impl Delivery {
         if let Ok(v) = HeaderValue::try_from(&claimed.request_id) {
             headers.insert(REQUEST_ID, v);
         }
-        self.client
-            .post(endpoint.url())
-            .headers(headers)
-            .body(claimed.body.clone())
-            .send()
-            .await
+        let mut request = self.client.post(endpoint.url()).headers(headers);
+        if let Some(timeout) = timeout {
+            request = request.timeout(timeout);
+        }
+        request.body(claimed.body.clone()).send().await
     }
 
     /// Classifies an HTTP answer and keeps a bounded excerpt of its body.

@@ -7,6 +7,7 @@
 
 pub mod backoff;
 pub mod deliver;
+pub mod partner;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 pub use deliver::{AttemptResult, Delivery, REQUEST_ID, Verdict, WEBHOOK_ID};
+pub use partner::{BreakerState, Partners};
 
-use crate::config::{DispatchConfig, RetryConfig};
+use crate::config::{DispatchConfig, RetentionConfig, RetryConfig};
 use crate::model::now_ms;
 use crate::store::{Claimed, Finish, Outcome, Store};
 
@@ -32,6 +34,9 @@ pub struct Dispatcher {
     pub delivery: Delivery,
     pub config: DispatchConfig,
     pub retry: RetryConfig,
+    pub retention: RetentionConfig,
+    /// Per-partner caps, rate limits, FIFO and breakers.
+    pub partners: Arc<Partners>,
     /// Nudged by an in-process intake when new rows arrive, to skip the idle poll.
     pub wake: Arc<Notify>,
 }
@@ -52,6 +57,7 @@ impl Dispatcher {
         let reaper = tokio::spawn(run_reaper(
             self.store.clone(),
             self.config.clone(),
+            self.retention.clone(),
             shutdown.clone(),
         ));
         let held: Held = Arc::default();
@@ -70,8 +76,7 @@ impl Dispatcher {
                 () = shutdown.cancelled() => break,
             };
             let want = (permits.available_permits() + 1).min(this.config.claim_batch);
-            let lease_ms = i64::try_from(this.config.lease_secs * 1000)?;
-            let claimed = match this.store.claim(now_ms(), want, lease_ms).await {
+            let claimed = match this.claim(want).await {
                 Ok(claimed) => claimed,
                 Err(e) if crate::store::is_transient(&e) => {
                     debug!(error = %e, "claim lost a lock race; retrying");
@@ -124,9 +129,34 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Claims up to `want` rows the partners have room for, plus due FIFO heads; rows claimed
+    /// beyond a partner's room are released at once.
+    async fn claim(&self, want: usize) -> anyhow::Result<Vec<Claimed>> {
+        let now = now_ms();
+        let lease_ms = i64::try_from(self.config.lease_secs * 1000)?;
+        let exclude = self.partners.excluded(now);
+        let mut claimed = self.store.claim(now, want, lease_ms, &exclude).await?;
+        for partner in self.partners.fifo_ready(now) {
+            if let Some(head) = self.store.claim_fifo_head(&partner, now, lease_ms).await? {
+                claimed.push(head);
+            }
+        }
+        let (admitted, over): (Vec<_>, Vec<_>) = claimed
+            .into_iter()
+            .partition(|c| self.partners.try_start(&c.partner_id, now));
+        if !over.is_empty() {
+            let back: Vec<_> = over.into_iter().map(|c| (c.id, c.claim_token)).collect();
+            self.store.release(&back, now).await?;
+        }
+        Ok(admitted)
+    }
+
     /// One attempt for a claimed notification, turned into the write that records it.
     async fn attempt(&self, claimed: Claimed) -> Finish {
         let number = claimed.attempts + 1;
+        let settings = self.partners.settings(&claimed.partner_id);
+        let timeout = (settings.request_timeout_ms > 0)
+            .then(|| Duration::from_millis(settings.request_timeout_ms));
         let span = info_span!(
             "attempt",
             partner_id = %claimed.partner_id,
@@ -136,11 +166,17 @@ impl Dispatcher {
         );
         let result = self
             .delivery
-            .attempt(&claimed)
+            .attempt(&claimed, timeout)
             .instrument(span.clone())
             .await;
         let now = now_ms();
-        let outcome = self.outcome(&result.verdict, number, now);
+        self.note_breaker(&claimed.partner_id, result.partner_unhealthy(), now)
+            .await;
+        let mut retry = self.retry.clone();
+        if !settings.retry_schedule_secs.is_empty() {
+            retry.schedule_secs = settings.retry_schedule_secs;
+        }
+        let outcome = outcome(&retry, &result.verdict, number - claimed.retry_base, now);
         span.in_scope(|| match &outcome {
             Outcome::Delivered => debug!(status = ?result.record.status_code, "delivered"),
             Outcome::Retry { next_attempt_at_ms } => debug!(
@@ -160,20 +196,22 @@ impl Dispatcher {
         }
     }
 
-    fn outcome(&self, verdict: &Verdict, number: i64, now: i64) -> Outcome {
-        match verdict {
-            Verdict::Delivered => Outcome::Delivered,
-            Verdict::Final => Outcome::Dead,
-            Verdict::Failed { retry_after } => {
-                let delay =
-                    backoff::next_delay(&self.retry, number, *retry_after, &mut rand::rng());
-                match delay {
-                    Some(d) => Outcome::Retry {
-                        next_attempt_at_ms: now + i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
-                    },
-                    None => Outcome::Dead,
-                }
-            }
+    /// Frees the partner's slot and records a breaker change.
+    async fn note_breaker(&self, partner_id: &str, failed: bool, now: i64) {
+        let Some(state) = self.partners.finish(partner_id, failed, now) else {
+            return;
+        };
+        let name = match state {
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+            BreakerState::Closed => "closed",
+        };
+        match state {
+            BreakerState::Open => warn!(partner_id, "circuit breaker opened; deliveries paused"),
+            _ => info!(partner_id, breaker = name, "circuit breaker changed"),
+        }
+        if let Err(e) = self.store.record_breaker(partner_id, name, now).await {
+            warn!(partner_id, error = %e, "could not record the breaker state");
         }
     }
 
@@ -195,6 +233,23 @@ impl Dispatcher {
         match self.store.release(&claims, now_ms()).await {
             Ok(n) => info!(released = n, "released unfinished claims"),
             Err(e) => warn!(error = %e, "could not release claims; their leases will expire"),
+        }
+    }
+}
+
+/// What an attempt's verdict means for the notification; `counted` is the attempt's number
+/// since the last replay.
+fn outcome(retry: &RetryConfig, verdict: &Verdict, counted: i64, now: i64) -> Outcome {
+    match verdict {
+        Verdict::Delivered => Outcome::Delivered,
+        Verdict::Final => Outcome::Dead,
+        Verdict::Failed { retry_after } => {
+            match backoff::next_delay(retry, counted, *retry_after, &mut rand::rng()) {
+                Some(d) => Outcome::Retry {
+                    next_attempt_at_ms: now + i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+                },
+                None => Outcome::Dead,
+            }
         }
     }
 }
@@ -228,16 +283,56 @@ async fn run_finisher(store: Store, mut rx: mpsc::Receiver<Finish>, shutdown: Ca
     }
 }
 
-/// Returns expired leases to `pending` every `reap_interval_ms`.
-async fn run_reaper(store: Store, config: DispatchConfig, shutdown: CancellationToken) {
+/// Returns expired leases to `pending` every `reap_interval_ms`, and purges finished rows past
+/// the retention age every `purge_interval_secs`.
+async fn run_reaper(
+    store: Store,
+    config: DispatchConfig,
+    retention: RetentionConfig,
+    shutdown: CancellationToken,
+) {
     let period = Duration::from_millis(config.reap_interval_ms);
+    let purge_every_ms = i64::try_from(retention.purge_interval_secs * 1000).unwrap_or(i64::MAX);
+    let mut last_purge_ms = 0;
     while !shutdown.is_cancelled() {
         match store.reap(now_ms()).await {
             Ok(0) => {}
             Ok(n) => warn!(reaped = n, "returned expired leases to pending"),
             Err(e) => warn!(error = %e, "reaping expired leases failed"),
         }
+        if retention.max_age_secs > 0 && now_ms() - last_purge_ms >= purge_every_ms {
+            last_purge_ms = now_ms();
+            purge(&store, &retention, &shutdown).await;
+        }
         sleep_or_cancel(period, &shutdown).await;
+    }
+}
+
+/// Deletes finished rows older than the retention age, one small batch at a time.
+async fn purge(store: &Store, retention: &RetentionConfig, shutdown: &CancellationToken) {
+    let age_ms = i64::try_from(retention.max_age_secs * 1000).unwrap_or(i64::MAX);
+    let cutoff = now_ms().saturating_sub(age_ms);
+    let mut total = 0;
+    while !shutdown.is_cancelled() {
+        match store.purge(cutoff, retention.purge_batch).await {
+            Ok(n) => {
+                total += n;
+                if n < retention.purge_batch as u64 {
+                    break;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "retention purge failed");
+                break;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    if total > 0 {
+        info!(
+            purged = total,
+            "retention purge removed finished notifications"
+        );
     }
 }
 

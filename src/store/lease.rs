@@ -22,6 +22,8 @@ pub struct Claimed {
     pub body: Vec<u8>,
     /// Attempts made before this one.
     pub attempts: i64,
+    /// Attempts made before the last replay: the retry schedule counts from here.
+    pub retry_base: i64,
     pub created_at_ms: i64,
     pub claim_token: String,
 }
@@ -60,66 +62,115 @@ pub struct Finish {
 }
 
 const CLAIM_COLUMNS: &str =
-    "id, request_id, partner_id, endpoints, headers, body, attempts, created_at";
+    "id, request_id, partner_id, endpoints, headers, body, attempts, retry_base, created_at";
 
 impl Store {
-    /// Claims up to `limit` due notifications for `lease_ms`.
+    /// Claims up to `limit` due notifications for `lease_ms`, leaving out the partners in
+    /// `exclude` (at most the first 1,000 are honoured).
     pub async fn claim(
         &self,
         now_ms: i64,
         limit: usize,
         lease_ms: i64,
+        exclude: &[String],
     ) -> anyhow::Result<Vec<Claimed>> {
         let token = uuid::Uuid::now_v7().simple().to_string();
+        let exclude = &exclude[..exclude.len().min(1000)];
+        let claim = ClaimSpec {
+            now_ms,
+            limit,
+            lease_ms,
+            token: &token,
+            exclude,
+        };
         match self.dialect {
-            Dialect::Sqlite => self.claim_sqlite(now_ms, limit, lease_ms, &token).await,
-            Dialect::Mysql => self.claim_mysql(now_ms, limit, lease_ms, &token).await,
+            Dialect::Sqlite => self.claim_sqlite(&claim).await,
+            Dialect::Mysql => self.claim_mysql(&claim).await,
         }
     }
 
-    async fn claim_sqlite(
+    /// Claims the oldest unfinished notification of a FIFO partner, if it is pending and due.
+    /// Nothing is claimed while the head is in flight or waiting for its retry.
+    pub async fn claim_fifo_head(
         &self,
+        partner_id: &str,
         now_ms: i64,
-        limit: usize,
         lease_ms: i64,
-        token: &str,
-    ) -> anyhow::Result<Vec<Claimed>> {
+    ) -> anyhow::Result<Option<Claimed>> {
+        let token = uuid::Uuid::now_v7().simple().to_string();
+        let mut tx = self.pool.begin().await?;
+        let lock = if self.dialect == Dialect::Mysql {
+            "FOR UPDATE"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT {CLAIM_COLUMNS}, state, next_attempt_at FROM notification \
+             WHERE partner_id = ? AND state IN (?, ?) ORDER BY id LIMIT 1 {lock}"
+        );
+        let head = sqlx::query(&sql)
+            .bind(partner_id)
+            .bind(state::PENDING)
+            .bind(state::IN_FLIGHT)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(head) = head else { return Ok(None) };
+        let due = head.try_get::<String, _>("state")? == state::PENDING
+            && head.try_get::<i64, _>("next_attempt_at")? <= now_ms;
+        if !due {
+            return Ok(None);
+        }
+        let claimed = claimed_from_row(&head, &token)?;
+        sqlx::query(
+            "UPDATE notification SET state = ?, lease_until = ?, claim_token = ?, updated_at = ? \
+             WHERE id = ? AND state = ?",
+        )
+        .bind(state::IN_FLIGHT)
+        .bind(now_ms + lease_ms)
+        .bind(token.as_str())
+        .bind(now_ms)
+        .bind(claimed.id.as_str())
+        .bind(state::PENDING)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(claimed))
+    }
+
+    async fn claim_sqlite(&self, c: &ClaimSpec<'_>) -> anyhow::Result<Vec<Claimed>> {
         let sql = format!(
             "UPDATE notification SET state = ?, lease_until = ?, claim_token = ?, updated_at = ? \
              WHERE id IN (SELECT id FROM notification WHERE state = ? AND next_attempt_at <= ? \
-             ORDER BY next_attempt_at LIMIT ?) RETURNING {CLAIM_COLUMNS}"
+             {} ORDER BY next_attempt_at LIMIT ?) RETURNING {CLAIM_COLUMNS}",
+            c.exclusion()
         );
-        let rows = sqlx::query(&sql)
+        let mut query = sqlx::query(&sql)
             .bind(state::IN_FLIGHT)
-            .bind(now_ms + lease_ms)
-            .bind(token)
-            .bind(now_ms)
+            .bind(c.now_ms + c.lease_ms)
+            .bind(c.token)
+            .bind(c.now_ms)
             .bind(state::PENDING)
-            .bind(now_ms)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(|r| claimed_from_row(r, token)).collect()
+            .bind(c.now_ms);
+        for partner in c.exclude {
+            query = query.bind(partner.as_str());
+        }
+        let rows = query.bind(c.limit as i64).fetch_all(&self.pool).await?;
+        rows.iter().map(|r| claimed_from_row(r, c.token)).collect()
     }
 
-    async fn claim_mysql(
-        &self,
-        now_ms: i64,
-        limit: usize,
-        lease_ms: i64,
-        token: &str,
-    ) -> anyhow::Result<Vec<Claimed>> {
+    async fn claim_mysql(&self, c: &ClaimSpec<'_>) -> anyhow::Result<Vec<Claimed>> {
+        let (now_ms, lease_ms, token) = (c.now_ms, c.lease_ms, c.token);
         let mut tx = self.pool.begin().await?;
         let sql = format!(
             "SELECT {CLAIM_COLUMNS} FROM notification WHERE state = ? AND next_attempt_at <= ? \
-             ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED"
+             {} ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED",
+            c.exclusion()
         );
-        let rows = sqlx::query(&sql)
-            .bind(state::PENDING)
-            .bind(now_ms)
-            .bind(limit as i64)
-            .fetch_all(&mut *tx)
-            .await?;
+        let mut query = sqlx::query(&sql).bind(state::PENDING).bind(now_ms);
+        for partner in c.exclude {
+            query = query.bind(partner.as_str());
+        }
+        let rows = query.bind(c.limit as i64).fetch_all(&mut *tx).await?;
         // Decode before committing: a row that cannot be read must not be left in flight.
         let claimed: Vec<Claimed> = rows
             .iter()
@@ -267,6 +318,29 @@ impl Store {
     }
 }
 
+/// Parameters of one claim.
+struct ClaimSpec<'a> {
+    now_ms: i64,
+    limit: usize,
+    lease_ms: i64,
+    token: &'a str,
+    exclude: &'a [String],
+}
+
+impl ClaimSpec<'_> {
+    /// `AND partner_id NOT IN (?, …)` when partners are excluded.
+    fn exclusion(&self) -> String {
+        if self.exclude.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "AND partner_id NOT IN ({})",
+                placeholders(self.exclude.len())
+            )
+        }
+    }
+}
+
 fn claimed_from_row(row: &AnyRow, token: &str) -> anyhow::Result<Claimed> {
     let endpoints = text(row, "endpoints")?;
     let headers = text(row, "headers")?;
@@ -278,6 +352,7 @@ fn claimed_from_row(row: &AnyRow, token: &str) -> anyhow::Result<Claimed> {
         headers: serde_json::from_str(&headers)?,
         body: row.try_get("body")?,
         attempts: row.try_get("attempts")?,
+        retry_base: row.try_get("retry_base")?,
         created_at_ms: row.try_get("created_at")?,
         claim_token: token.to_string(),
     })

@@ -10,6 +10,7 @@
 
 mod intake;
 mod lease;
+mod ops;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use sqlx::{AnyPool, ConnectOptions, Executor};
 
 pub use intake::{AttemptOut, InsertOutcome, NotificationStatus};
 pub use lease::{AttemptRecord, Claimed, Finish, Outcome};
+pub use ops::{PartnerCounts, ReplayOutcome, ReplayRange};
 
 use crate::config::DatabaseConfig;
 

@@ -17,6 +17,13 @@ use serde_json::Value;
 use tower::ServiceExt;
 
 async fn app(dir: &tempfile::TempDir) -> (axum::Router, Store) {
+    app_with_tokens(dir, api_notify::api::auth::Tokens::default()).await
+}
+
+async fn app_with_tokens(
+    dir: &tempfile::TempDir,
+    tokens: api_notify::api::auth::Tokens,
+) -> (axum::Router, Store) {
     let config = DatabaseConfig {
         url: Secret::new(format!("sqlite://{}", dir.path().join("api.db").display())),
         ..DatabaseConfig::default()
@@ -36,6 +43,8 @@ async fn app(dir: &tempfile::TempDir) -> (axum::Router, Store) {
         limits: Limits::default(),
         guard: AddressGuard::new(vec!["127.0.0.0/8".parse().unwrap()]),
         max_request_bytes: 64 * 1024,
+        config: api_notify::config::Config::default(),
+        tokens,
     };
     (router(Arc::new(state)), store)
 }
@@ -168,5 +177,95 @@ fn example_config_parses_and_matches_the_defaults() {
         toml::to_string(&parsed).unwrap(),
         toml::to_string(&defaults).unwrap(),
         "examples/config.toml should document exactly the defaults"
+    );
+}
+
+async fn call_with_token(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> StatusCode {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
+    response.status()
+}
+
+#[tokio::test]
+async fn tokens_are_required_and_scoped_to_partners_and_admin_routes() {
+    use api_notify::api::auth::{Tokens, hash_token};
+    use api_notify::config::TokenConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let (app, _) = app_with_tokens(
+        &dir,
+        Tokens::new(&[
+            TokenConfig {
+                name: "billing".into(),
+                sha256: hash_token("t-billing"),
+                partners: vec!["acme".into()],
+                admin: false,
+            },
+            TokenConfig {
+                name: "ops".into(),
+                sha256: hash_token("t-ops"),
+                partners: vec![],
+                admin: true,
+            },
+        ]),
+    )
+    .await;
+    let other = GOOD.replace("\"acme\"", "\"globex\"").replace("a-1", "a-2");
+    assert_eq!(
+        call_with_token(&app, "POST", "/v1/notifications", None, GOOD).await,
+        StatusCode::UNAUTHORIZED,
+        "no token, 401"
+    );
+    assert_eq!(
+        call_with_token(&app, "POST", "/v1/notifications", Some("wrong"), GOOD).await,
+        StatusCode::UNAUTHORIZED,
+        "unknown token, 401"
+    );
+    assert_eq!(
+        call_with_token(&app, "POST", "/v1/notifications", Some("t-billing"), &other).await,
+        StatusCode::FORBIDDEN,
+        "other partner, 403"
+    );
+    assert_eq!(
+        call_with_token(&app, "POST", "/v1/notifications", Some("t-billing"), GOOD).await,
+        StatusCode::ACCEPTED,
+        "own partner, 202"
+    );
+    assert_eq!(
+        call_with_token(
+            &app,
+            "POST",
+            "/v1/notifications/a-1/replay",
+            Some("t-billing"),
+            "{}"
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "replay needs admin"
+    );
+    assert_eq!(
+        call_with_token(&app, "GET", "/v1/partners/acme", Some("t-ops"), "").await,
+        StatusCode::OK,
+        "admin reads partner state"
+    );
+    assert_eq!(
+        call_with_token(&app, "GET", "/healthz", None, "").await,
+        StatusCode::OK,
+        "health needs no token"
     );
 }

@@ -8,5 +8,6 @@
 
 mod api;
 mod pipeline;
+mod policy;
 mod processes;
 mod support;

@@ -166,6 +166,11 @@ impl Client {
         }
     }
 
+    /// `http://host:port` of the gateway.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// Polls `/healthz` for up to 10 s.
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
