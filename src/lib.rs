@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod guard;
 pub mod metrics;
 pub mod model;
+pub mod plugin;
 pub mod queue;
 pub mod receiver;
 pub mod server;
