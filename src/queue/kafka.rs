@@ -33,10 +33,41 @@ use crate::store::Store;
 /// The producing side, shared by all API handlers.
 #[derive(Clone)]
 pub struct KafkaQueue {
-    producer: FutureProducer,
+    producer: Arc<Replaceable>,
     topic: String,
     timeout: Duration,
     metrics: Arc<Metrics>,
+}
+
+/// The producer, rebuilt when the broker keeps refusing it: an idempotent producer whose state
+/// the broker lost (a restart of a broker without durable producer state) or that librdkafka
+/// marked fatal cannot recover by itself; a new one gets a fresh producer id.
+struct Replaceable {
+    current: std::sync::RwLock<FutureProducer>,
+    settings: ClientConfig,
+    rebuilt_at: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Replaceable {
+    fn get(&self) -> FutureProducer {
+        self.current.read().expect("producer lock").clone()
+    }
+
+    /// Replaces the producer, at most once a second.
+    fn rebuild(&self, why: &KafkaError) {
+        let mut at = self.rebuilt_at.lock().expect("producer rebuild lock");
+        if at.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        *at = std::time::Instant::now();
+        match self.settings.create::<FutureProducer>() {
+            Ok(fresh) => {
+                warn!(error = %why, "Kafka producer refused by the broker; replaced it");
+                *self.current.write().expect("producer lock") = fresh;
+            }
+            Err(e) => warn!(error = %e, "could not replace the Kafka producer"),
+        }
+    }
 }
 
 /// What the intake consumer needs.
@@ -57,15 +88,20 @@ impl KafkaQueue {
         timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
-        let producer: FutureProducer = ClientConfig::new()
+        let mut settings = ClientConfig::new();
+        settings
             .set("bootstrap.servers", &config.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", config.linger_ms.to_string())
             .set("reconnect.backoff.max.ms", "1000")
-            .set("message.timeout.ms", timeout.as_millis().max(1).to_string())
-            .create()
-            .context("creating the Kafka producer")?;
+            .set("message.timeout.ms", timeout.as_millis().max(1).to_string());
+        let producer: FutureProducer = settings.create().context("creating the Kafka producer")?;
+        let producer = Arc::new(Replaceable {
+            current: std::sync::RwLock::new(producer),
+            settings,
+            rebuilt_at: std::sync::Mutex::new(std::time::Instant::now()),
+        });
         Ok(Self {
             producer,
             topic: config.topic.clone(),
@@ -87,21 +123,26 @@ impl KafkaQueue {
         let record = FutureRecord::to(&self.topic)
             .key(&n.partner_id)
             .payload(&payload);
-        let send = self
-            .producer
-            .send(record, Timeout::After(Duration::from_millis(100)));
+        let producer = self.producer.get();
+        let send = producer.send(record, Timeout::After(Duration::from_millis(100)));
         match tokio::time::timeout(self.timeout + Duration::from_secs(1), send).await {
             Ok(Ok(_)) => Ok(Submitted::Accepted),
             Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => {
                 Err(QueueError::Timeout)
             }
-            Ok(Err((e, _))) => Err(QueueError::Unavailable(e.to_string())),
+            Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))) => {
+                Err(QueueError::Unavailable("the producer queue is full".into()))
+            }
+            Ok(Err((e, _))) => {
+                self.producer.rebuild(&e);
+                Err(QueueError::Unavailable(e.to_string()))
+            }
             Err(_) => Err(QueueError::Timeout),
         }
     }
 
     pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.producer.flush(Timeout::After(timeout)) {
+        if let Err(e) = self.producer.get().flush(Timeout::After(timeout)) {
             warn!(error = %e, "Kafka producer flush did not complete");
         }
     }
@@ -109,6 +150,7 @@ impl KafkaQueue {
     /// Asks the broker for the topic's metadata: readiness of the queue.
     pub fn check(&self) -> anyhow::Result<()> {
         self.producer
+            .get()
             .client()
             .fetch_metadata(Some(&self.topic), Timeout::After(Duration::from_secs(2)))
             .context("the Kafka broker did not answer")?;
