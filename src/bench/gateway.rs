@@ -24,7 +24,10 @@ use crate::store::{Backlog, Store};
 pub enum Backend {
     Embedded,
     /// Broker list and a MariaDB server URL without a database name.
-    Kafka { brokers: String, mysql: String },
+    Kafka {
+        brokers: String,
+        mysql: String,
+    },
 }
 
 /// Knobs the scenarios turn; everything else is the shipped default.
@@ -38,7 +41,7 @@ pub struct Tuning {
 }
 
 /// A running gateway.
-pub struct Gateway {
+pub(super) struct Gateway {
     addr: SocketAddr,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
@@ -56,7 +59,11 @@ struct Leftovers {
 
 impl Gateway {
     /// Creates the topic and database, and starts every role.
-    pub async fn start(backend: &Backend, tuning: &Tuning, run_id: &str) -> anyhow::Result<Self> {
+    pub(super) async fn start(
+        backend: &Backend,
+        tuning: &Tuning,
+        run_id: &str,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir().context("creating a temporary directory")?;
         let name = format!("api_notify_bench_{run_id}");
         let mut config = settings(tuning);
@@ -82,7 +89,12 @@ impl Gateway {
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let database = config.database.clone();
-        let task = tokio::spawn(server::run(config, Roles::ALL, Some(listener), stop.clone()));
+        let task = tokio::spawn(server::run(
+            config,
+            Roles::ALL,
+            Some(listener),
+            stop.clone(),
+        ));
         wait_ready(addr).await?;
         Ok(Self {
             addr,
@@ -98,12 +110,12 @@ impl Gateway {
         })
     }
 
-    pub fn addr(&self) -> SocketAddr {
+    pub(super) fn addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// Rows per state, read over a separate small pool.
-    pub async fn backlog(&self) -> anyhow::Result<Backlog> {
+    pub(super) async fn backlog(&self) -> anyhow::Result<Backlog> {
         let mut database = self.database.clone();
         database.max_connections = 1;
         database.migrate_on_start = false;
@@ -114,7 +126,7 @@ impl Gateway {
     }
 
     /// Stops every role, then drops the database and deletes the topic.
-    pub async fn stop(self) -> anyhow::Result<()> {
+    pub(super) async fn stop(self) -> anyhow::Result<()> {
         self.stop.cancel();
         let ran = self.task.await.context("the gateway task panicked")?;
         if let Backend::Kafka { brokers, mysql } = &self.leftovers.backend {

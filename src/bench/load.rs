@@ -18,7 +18,7 @@ use super::sink::parse_id;
 
 /// Where requests go.
 #[derive(Debug, Clone, Copy)]
-pub enum Target {
+pub(super) enum Target {
     /// `POST /v1/notifications` on the gateway.
     Gateway(SocketAddr),
     /// The delivery body straight to the receiver, with a made-up `webhook-id`: the ceiling.
@@ -27,40 +27,40 @@ pub enum Target {
 
 /// What to send.
 #[derive(Debug, Clone)]
-pub struct LoadSpec {
+pub(super) struct LoadSpec {
     /// Stop after this many requests…
-    pub count: u64,
+    pub(super) count: u64,
     /// …or after this long, whichever comes first.
-    pub duration: Duration,
+    pub(super) duration: Duration,
     /// Requests per second; 0 sends as fast as answers come back.
-    pub rate_per_sec: f64,
-    pub concurrency: usize,
-    pub partners: usize,
+    pub(super) rate_per_sec: f64,
+    pub(super) concurrency: usize,
+    pub(super) partners: usize,
     /// Receiver ports; notification `i` goes to `ports[i % len]`.
-    pub ports: Vec<u16>,
-    pub body_bytes: usize,
+    pub(super) ports: Vec<u16>,
+    pub(super) body_bytes: usize,
     /// Makes request ids unique across runs against the same database.
-    pub run_id: String,
+    pub(super) run_id: String,
 }
 
 /// One accepted notification: its id and when the caller started sending it.
 #[derive(Debug, Clone, Copy)]
-pub struct Sent {
-    pub id: u128,
-    pub at: Instant,
+pub(super) struct Sent {
+    pub(super) id: u128,
+    pub(super) at: Instant,
 }
 
 /// What the load generator saw.
 #[derive(Debug, Default)]
-pub struct LoadResult {
-    pub accepted: Vec<Sent>,
+pub(super) struct LoadResult {
+    pub(super) accepted: Vec<Sent>,
     /// Answers other than 202 (or 2xx for the ceiling), and transport errors.
-    pub refused: u64,
-    pub first_refusal: Option<String>,
+    pub(super) refused: u64,
+    pub(super) first_refusal: Option<String>,
     /// Request latencies of accepted requests, in microseconds.
-    pub latency_us: Vec<u32>,
-    pub started: Option<Instant>,
-    pub elapsed: Duration,
+    pub(super) latency_us: Vec<u32>,
+    pub(super) started: Option<Instant>,
+    pub(super) elapsed: Duration,
 }
 
 #[derive(Deserialize)]
@@ -69,7 +69,7 @@ struct AcceptedIn {
 }
 
 /// Sends per `spec` to `target` and returns what happened.
-pub async fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
+pub(super) async fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(spec.concurrency)
         .tcp_nodelay(true)
@@ -124,7 +124,8 @@ async fn worker(
         match send_one(client, spec, target, i, &pad).await {
             Ok(id) => {
                 let micros = at.elapsed().as_micros();
-                out.latency_us.push(u32::try_from(micros).unwrap_or(u32::MAX));
+                out.latency_us
+                    .push(u32::try_from(micros).unwrap_or(u32::MAX));
                 out.accepted.push(Sent { id, at });
             }
             Err(e) => {

@@ -126,4 +126,3 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!("{row}");
     Ok(())
 }
-

@@ -10,33 +10,33 @@ use super::sink::Arrival;
 
 /// Median and 99th percentile, in milliseconds.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Spread {
+pub(super) struct Spread {
     pub p50_ms: f64,
     pub p99_ms: f64,
 }
 
 /// One measured run: either the ceiling or the gateway.
 #[derive(Debug, Clone, Default)]
-pub struct Measured {
-    pub accepted: usize,
+pub(super) struct Measured {
+    pub(super) accepted: usize,
     /// Accepted per second while sending.
-    pub send_per_sec: f64,
+    pub(super) send_per_sec: f64,
     /// Delivered per second, from the first request sent to the last delivery received.
-    pub end_to_end_per_sec: f64,
-    pub ingest: Spread,
-    pub end_to_end: Spread,
+    pub(super) end_to_end_per_sec: f64,
+    pub(super) ingest: Spread,
+    pub(super) end_to_end: Spread,
 }
 
 /// Process memory from `/proc/self/status`, in MiB.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Memory {
-    pub rss_mib: f64,
-    pub peak_mib: f64,
+pub(super) struct Memory {
+    pub(super) rss_mib: f64,
+    pub(super) peak_mib: f64,
 }
 
 impl Spread {
     /// Percentiles of `samples_us` (sorted in place); zeros when empty.
-    pub fn of(samples_us: &mut [u32]) -> Self {
+    pub(super) fn of(samples_us: &mut [u32]) -> Self {
         if samples_us.is_empty() {
             return Self::default();
         }
@@ -60,7 +60,10 @@ impl std::fmt::Display for Spread {
 
 /// Matches deliveries to acceptances. Fails, naming counts and an example, when a notification
 /// is missing, arrived twice, or an unknown id arrived.
-pub fn exactly_once(load: &mut LoadResult, arrivals: &[Arrival]) -> anyhow::Result<Measured> {
+pub(super) fn exactly_once(
+    load: &mut LoadResult,
+    arrivals: &[Arrival],
+) -> anyhow::Result<Measured> {
     let mut sent: HashMap<u128, (Instant, bool)> = load
         .accepted
         .iter()
@@ -96,7 +99,7 @@ pub fn exactly_once(load: &mut LoadResult, arrivals: &[Arrival]) -> anyhow::Resu
 }
 
 /// Figures for a receiver that never answers 2xx: ingest only.
-pub fn ingest_only(load: &mut LoadResult) -> Measured {
+pub(super) fn ingest_only(load: &mut LoadResult) -> Measured {
     measure(load, &[], Vec::new())
 }
 
@@ -117,7 +120,7 @@ fn measure(load: &mut LoadResult, arrivals: &[Arrival], mut e2e_us: Vec<u32>) ->
 }
 
 /// Current and peak resident memory of this process.
-pub fn memory() -> Memory {
+pub(super) fn memory() -> Memory {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {
         status
@@ -134,7 +137,7 @@ pub fn memory() -> Memory {
 }
 
 /// The one-minute load average: how busy the machine was while a figure was taken.
-pub fn load_average() -> String {
+pub(super) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next().map(str::to_string))
@@ -142,20 +145,20 @@ pub fn load_average() -> String {
 }
 
 /// Header of the table [`row`] writes.
-pub const TABLE_HEADER: &str = "| scenario | mode | partners | body | accepted | ceiling /s \
+pub(super) const TABLE_HEADER: &str = "| scenario | mode | partners | body | accepted | ceiling /s \
      | ingest /s | end-to-end /s | ratio to ceiling | ingest p50 / p99 ms | end-to-end p50 / p99 ms \
      | RSS now / peak MiB | load avg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 
 /// What a table row says besides the measurements.
-pub struct RowLabels<'a> {
-    pub scenario: &'a str,
-    pub mode: &'a str,
-    pub partners: usize,
-    pub body_bytes: usize,
+pub(super) struct RowLabels<'a> {
+    pub(super) scenario: &'a str,
+    pub(super) mode: &'a str,
+    pub(super) partners: usize,
+    pub(super) body_bytes: usize,
 }
 
 /// One markdown table row.
-pub fn row(
+pub(super) fn row(
     labels: &RowLabels<'_>,
     ceiling: Option<&Measured>,
     gateway: &Measured,
@@ -188,7 +191,7 @@ pub fn row(
 }
 
 fn bytes(n: usize) -> String {
-    if n >= 1024 && n % 1024 == 0 {
+    if n >= 1024 && n.is_multiple_of(1024) {
         format!("{} KiB", n / 1024)
     } else {
         format!("{n} B")
@@ -215,7 +218,13 @@ mod tests {
             ..LoadResult::default()
         };
         let twice = [Arrival { id: 7, at }, Arrival { id: 7, at }];
-        assert!(exactly_once(&mut load, &twice).is_err(), "a repeat must fail");
-        assert!(exactly_once(&mut load, &twice[..1]).is_ok(), "one arrival passes");
+        assert!(
+            exactly_once(&mut load, &twice).is_err(),
+            "a repeat must fail"
+        );
+        assert!(
+            exactly_once(&mut load, &twice[..1]).is_ok(),
+            "one arrival passes"
+        );
     }
 }

@@ -36,13 +36,13 @@ pub enum Behaviour {
 
 /// One request that the receiver answered with a 2xx.
 #[derive(Debug, Clone, Copy)]
-pub struct Arrival {
-    pub id: u128,
-    pub at: Instant,
+pub(super) struct Arrival {
+    pub(super) id: u128,
+    pub(super) at: Instant,
 }
 
 /// A running receiver on one or more loopback ports; stops when dropped.
-pub struct Sink {
+pub(super) struct Sink {
     ports: Vec<u16>,
     shared: Arc<Shared>,
     stop: CancellationToken,
@@ -53,7 +53,6 @@ struct Shared {
     slow: Duration,
     delivered: Mutex<Vec<Arrival>>,
     delivered_count: AtomicUsize,
-    requests: AtomicUsize,
     failed_once: Mutex<HashSet<u128>>,
 }
 
@@ -67,13 +66,16 @@ const BEHAVIOURS: [Behaviour; 5] = [
 
 impl Sink {
     /// Listens on `listeners` free ports of 127.0.0.1 (one per endpoint).
-    pub async fn start(listeners: usize, behaviour: Behaviour, slow: Duration) -> anyhow::Result<Self> {
+    pub(super) async fn start(
+        listeners: usize,
+        behaviour: Behaviour,
+        slow: Duration,
+    ) -> anyhow::Result<Self> {
         let shared = Arc::new(Shared {
             behaviour: AtomicU8::new(0),
             slow,
             delivered: Mutex::new(Vec::with_capacity(1 << 16)),
             delivered_count: AtomicUsize::new(0),
-            requests: AtomicUsize::new(0),
             failed_once: Mutex::new(HashSet::new()),
         });
         let stop = CancellationToken::new();
@@ -98,30 +100,24 @@ impl Sink {
         Ok(sink)
     }
 
-    pub fn ports(&self) -> &[u16] {
+    pub(super) fn ports(&self) -> &[u16] {
         &self.ports
     }
 
     /// Switches the behaviour for the requests that arrive from now on.
-    pub fn set(&self, behaviour: Behaviour) {
+    pub(super) fn set(&self, behaviour: Behaviour) {
         let index = BEHAVIOURS.iter().position(|b| *b == behaviour).unwrap_or(0);
         self.shared.behaviour.store(index as u8, Ordering::Relaxed);
     }
 
     /// Requests answered with a 2xx so far.
-    pub fn delivered_count(&self) -> usize {
+    pub(super) fn delivered_count(&self) -> usize {
         self.shared.delivered_count.load(Ordering::Relaxed)
     }
 
-    /// Requests seen so far, whatever the answer.
-    pub fn request_count(&self) -> usize {
-        self.shared.requests.load(Ordering::Relaxed)
-    }
-
     /// Takes the arrivals recorded so far and starts a fresh log.
-    pub fn take(&self) -> Vec<Arrival> {
+    pub(super) fn take(&self) -> Vec<Arrival> {
         self.shared.delivered_count.store(0, Ordering::Relaxed);
-        self.shared.requests.store(0, Ordering::Relaxed);
         self.shared.failed_once.lock().expect("sink lock").clear();
         std::mem::take(&mut *self.shared.delivered.lock().expect("sink lock"))
     }
@@ -134,13 +130,12 @@ impl Drop for Sink {
 }
 
 /// The numeric form of a `webhook-id` (`msg_` and 32 hex digits); 0 when absent or malformed.
-pub fn parse_id(text: &str) -> u128 {
+pub(super) fn parse_id(text: &str) -> u128 {
     let hex = text.strip_prefix("msg_").unwrap_or(text);
     u128::from_str_radix(hex, 16).unwrap_or(0)
 }
 
 async fn answer(State(shared): State<Arc<Shared>>, headers: HeaderMap, _body: Bytes) -> StatusCode {
-    shared.requests.fetch_add(1, Ordering::Relaxed);
     let id = headers
         .get("webhook-id")
         .and_then(|v| v.to_str().ok())
@@ -173,7 +168,11 @@ mod tests {
 
     #[test]
     fn parses_notification_ids_as_numbers() {
-        assert_eq!(parse_id("msg_000000000000000000000000000000ff"), 255, "hex after msg_");
+        assert_eq!(
+            parse_id("msg_000000000000000000000000000000ff"),
+            255,
+            "hex after msg_"
+        );
         assert_eq!(parse_id("not an id"), 0, "malformed ids map to 0");
     }
 }
