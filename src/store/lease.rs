@@ -319,23 +319,22 @@ async fn finish_delivered(tx: &mut Tx<'_>, group: &[&Finish]) -> anyhow::Result<
     let cases = "WHEN ? THEN ? ".repeat(group.len());
     let sql = format!(
         "UPDATE notification SET state = ?, attempts = CASE id {cases}END, \
-         delivered_at = CASE id {cases}END, last_error = NULL, lease_until = NULL, \
-         claim_token = NULL, updated_at = ? WHERE claim_token = ? AND id IN ({})",
+         delivered_at = CASE id {cases}END, updated_at = CASE id {cases}END, \
+         last_error = NULL, lease_until = NULL, claim_token = NULL \
+         WHERE claim_token = ? AND id IN ({})",
         placeholders(group.len())
     );
     let mut query = sqlx::query(&sql).bind(state::DELIVERED);
     for f in group {
         query = query.bind(f.id.as_str()).bind(f.number);
     }
-    for f in group {
-        query = query.bind(f.id.as_str()).bind(f.finished_at_ms);
+    // delivered_at, then updated_at: both the attempt's own finishing time.
+    for _ in 0..2 {
+        for f in group {
+            query = query.bind(f.id.as_str()).bind(f.finished_at_ms);
+        }
     }
-    let latest_ms = group
-        .iter()
-        .map(|f| f.finished_at_ms)
-        .max()
-        .unwrap_or_default();
-    query = query.bind(latest_ms).bind(group[0].claim_token.as_str());
+    query = query.bind(group[0].claim_token.as_str());
     for f in group {
         query = query.bind(f.id.as_str());
     }
