@@ -25,6 +25,8 @@ pub(super) struct Measured {
     pub(super) end_to_end_per_sec: f64,
     pub(super) ingest: Spread,
     pub(super) end_to_end: Spread,
+    /// CPU time of the whole process (client, receiver, gateway) per accepted notification.
+    pub(super) cpu_us_per_notification: f64,
 }
 
 /// Process memory from `/proc/self/status`, in MiB.
@@ -136,6 +138,28 @@ pub(super) fn memory() -> Memory {
     }
 }
 
+/// CPU time (user + system) this process has used so far. `/proc/self/stat` counts in clock
+/// ticks, 100 per second on Linux x86-64.
+pub(super) fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// Fills in the CPU cost per notification from the CPU time used since `cpu_before`.
+pub(super) fn with_cpu(mut measured: Measured, cpu_before: Duration) -> Measured {
+    let used = cpu_time().saturating_sub(cpu_before);
+    measured.cpu_us_per_notification = used.as_secs_f64() * 1e6 / (measured.accepted.max(1) as f64);
+    measured
+}
+
 /// The one-minute load average: how busy the machine was while a figure was taken.
 pub(super) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -147,7 +171,8 @@ pub(super) fn load_average() -> String {
 /// Header of the table [`row`] writes.
 pub(super) const TABLE_HEADER: &str = "| scenario | mode | partners | body | accepted | ceiling /s \
      | ingest /s | end-to-end /s | ratio to ceiling | ingest p50 / p99 ms | end-to-end p50 / p99 ms \
-     | RSS now / peak MiB | load avg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+     | RSS now / peak MiB | CPU µs per notification (ceiling / gateway) | load avg |\n\
+     |---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 
 /// What a table row says besides the measurements.
 pub(super) struct RowLabels<'a> {
@@ -168,7 +193,8 @@ pub(super) fn row(
     let ceiling_rate = ceiling.map(|c| c.end_to_end_per_sec);
     let _ = write!(
         out,
-        "| {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {:.0} / {:.0} | {} |",
+        "| {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {:.0} / {:.0} | {} / {:.0} \
+         | {} |",
         labels.scenario,
         labels.mode,
         labels.partners,
@@ -185,6 +211,11 @@ pub(super) fn row(
         gateway.end_to_end,
         memory.rss_mib,
         memory.peak_mib,
+        ceiling.map_or("–".into(), |c| format!(
+            "{:.0}",
+            c.cpu_us_per_notification
+        )),
+        gateway.cpu_us_per_notification,
         load_average(),
     );
     out

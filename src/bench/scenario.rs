@@ -102,8 +102,10 @@ async fn backlog_phases(
 
 /// The load straight to the receiver; leaves the receiver's log empty.
 async fn ceiling(sink: &Sink, spec: &LoadSpec) -> anyhow::Result<Measured> {
+    let cpu_before = report::cpu_time();
     let mut sent = load::run(spec, Target::Direct).await?;
     let measured = report::exactly_once(&mut sent, &sink.take())?;
+    let measured = report::with_cpu(measured, cpu_before);
     eprintln!(
         "ceiling: {:.0}/s, latency p50/p99 {} ms",
         measured.end_to_end_per_sec, measured.ingest
@@ -117,6 +119,7 @@ async fn through_gateway(
     gateway: &Gateway,
     args: &BenchArgs,
 ) -> anyhow::Result<Measured> {
+    let cpu_before = report::cpu_time();
     let mut sent = load::run(spec, Target::Gateway(gateway.addr())).await?;
     if sent.refused > 0 {
         eprintln!(
@@ -126,10 +129,11 @@ async fn through_gateway(
         );
     }
     if !delivers(args.receiver) {
-        return Ok(report::ingest_only(&mut sent));
+        return Ok(report::with_cpu(report::ingest_only(&mut sent), cpu_before));
     }
     wait_delivered(sink, sent.accepted.len()).await;
-    report::exactly_once(&mut sent, &sink.take())
+    let measured = report::exactly_once(&mut sent, &sink.take())?;
+    Ok(report::with_cpu(measured, cpu_before))
 }
 
 /// Waits until `n` deliveries arrived (bounded by 30 s plus 2 ms per notification), then a
