@@ -118,6 +118,7 @@ fn measure(load: &mut LoadResult, arrivals: &[Arrival], mut e2e_us: Vec<u32>) ->
         end_to_end_per_sec: per_sec(arrivals.len(), span),
         ingest: Spread::of(&mut load.latency_us),
         end_to_end: Spread::of(&mut e2e_us),
+        cpu_us_per_notification: 0.0,
     }
 }
 
