@@ -26,6 +26,12 @@ pub struct Cli {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Also write logs to daily files `api-notify.log.YYYY-MM-DD` in this directory.
+    #[arg(long, global = true, env = "API_NOTIFY_LOG_DIR")]
+    pub log_dir: Option<PathBuf>,
+    /// API token for send, status and replay.
+    #[arg(long, global = true, env = "API_NOTIFY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// Commands.
@@ -91,6 +97,11 @@ pub enum Command {
     /// Measure a gateway started in this process against a loopback receiver (see
     /// scripts/bench and docs/benchmarks.md).
     Bench(crate::bench::BenchArgs),
+    /// API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -108,6 +119,23 @@ pub enum ConfigCommand {
     },
 }
 
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a new random token; prints it once, with the `[[api.tokens]]` entry to configure.
+    New {
+        /// Who will hold it (shown in logs).
+        #[arg(long)]
+        name: String,
+        /// A partner id it may use; repeat for several; `*` for all.
+        #[arg(long = "partner")]
+        partners: Vec<String>,
+        /// Allow operator routes (replay, partner state).
+        #[arg(long)]
+        admin: bool,
+    },
+}
+
 impl Cli {
     /// The demo prints its own story; the server logs at info.
     pub fn default_log_level(&self) -> &'static str {
@@ -120,6 +148,7 @@ impl Cli {
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = api_client(cli.token.as_deref())?;
     match cli.command {
         Command::Serve {
             config,
@@ -129,33 +158,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate { config } => migrate(config.as_deref()).await,
         Command::Demo => crate::demo::run().await,
         Command::Bench(args) => crate::bench::run(args).await,
-        Command::Send { url, file } => send(&url, &file).await,
-        Command::Status { url, request_id } => status(&url, &request_id).await,
-        Command::Replay {
-            url,
-            request_id,
-            partner,
-            since,
-            until,
-            state,
-            limit,
-        } => {
-            let (path, body) = match (request_id, partner) {
-                (Some(id), _) => (
-                    format!("/v1/notifications/{id}/replay"),
-                    serde_json::json!({}),
-                ),
-                (None, Some(partner)) => {
-                    let since_ms = parse_time(since.as_deref().unwrap_or_default())?;
-                    let until_ms = parse_time(until.as_deref().unwrap_or_default())?;
-                    let body = serde_json::json!({"partner_id": partner, "since_ms": since_ms,
-                        "until_ms": until_ms, "state": state, "limit": limit});
-                    ("/v1/replays".to_string(), body)
-                }
-                (None, None) => anyhow::bail!("give a request id or --partner"),
-            };
-            post_json(&url, &path, &body).await
-        }
+        Command::Send { url, file } => send(&client, &url, &file).await,
+        Command::Status { url, request_id } => status(&client, &url, &request_id).await,
+        replay @ Command::Replay { .. } => run_replay(&client, replay).await,
+        Command::Token {
+            command:
+                TokenCommand::New {
+                    name,
+                    partners,
+                    admin,
+                },
+        } => new_token(&name, &partners, admin),
         Command::Config {
             command: ConfigCommand::Check { config },
         } => {
@@ -164,6 +177,50 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A client for the gateway's API, sending the token when one is given.
+fn api_client(token: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        let mut value = reqwest::header::HeaderValue::try_from(format!("Bearer {token}"))
+            .context("the token has characters a header cannot carry")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
+}
+
+async fn run_replay(client: &reqwest::Client, command: Command) -> anyhow::Result<()> {
+    let Command::Replay {
+        url,
+        request_id,
+        partner,
+        since,
+        until,
+        state,
+        limit,
+    } = command
+    else {
+        anyhow::bail!("not a replay command");
+    };
+    let (path, body) = match (request_id, partner) {
+        (Some(id), _) => (
+            format!("/v1/notifications/{id}/replay"),
+            serde_json::json!({}),
+        ),
+        (None, Some(partner)) => {
+            let since_ms = parse_time(since.as_deref().unwrap_or_default())?;
+            let until_ms = parse_time(until.as_deref().unwrap_or_default())?;
+            let body = serde_json::json!({"partner_id": partner, "since_ms": since_ms,
+                "until_ms": until_ms, "state": state, "limit": limit});
+            ("/v1/replays".to_string(), body)
+        }
+        (None, None) => anyhow::bail!("give a request id or --partner"),
+    };
+    post_json(client, &url, &path, &body).await
 }
 
 async fn serve(
@@ -209,7 +266,7 @@ async fn migrate(file: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn send(url: &str, file: &Path) -> anyhow::Result<()> {
+async fn send(client: &reqwest::Client, url: &str, file: &Path) -> anyhow::Result<()> {
     let text = if file == Path::new("-") {
         let mut s = String::new();
         std::io::stdin()
@@ -219,7 +276,6 @@ async fn send(url: &str, file: &Path) -> anyhow::Result<()> {
     } else {
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
     };
-    let client = reqwest::Client::new();
     let endpoint = format!("{}/v1/notifications", url.trim_end_matches('/'));
     let mut failed = 0;
     for (number, line) in notification_documents(&text) {
@@ -254,6 +310,30 @@ fn notification_documents(text: &str) -> Vec<(usize, &str)> {
         .collect()
 }
 
+fn new_token(name: &str, partners: &[String], admin: bool) -> anyhow::Result<()> {
+    use base64::Engine;
+    use rand::RngCore;
+    anyhow::ensure!(
+        admin || !partners.is_empty(),
+        "give --partner (repeatable) or --admin"
+    );
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = format!(
+        "ant_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    let entry = crate::config::TokenConfig {
+        name: name.to_string(),
+        sha256: crate::api::auth::hash_token(&token),
+        partners: partners.to_vec(),
+        admin,
+    };
+    println!("token: {token}\n(give it to the caller; only its hash below is configured)\n");
+    println!("[[api.tokens]]\n{}", toml::to_string(&entry)?);
+    Ok(())
+}
+
 /// RFC 3339 time or milliseconds since the epoch.
 fn parse_time(text: &str) -> anyhow::Result<i64> {
     if let Ok(ms) = text.parse::<i64>() {
@@ -268,9 +348,14 @@ fn parse_time(text: &str) -> anyhow::Result<i64> {
     Ok(i64::try_from(ms)?)
 }
 
-async fn post_json(url: &str, path: &str, body: &serde_json::Value) -> anyhow::Result<()> {
+async fn post_json(
+    client: &reqwest::Client,
+    url: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<()> {
     let endpoint = format!("{}{path}", url.trim_end_matches('/'));
-    let response = reqwest::Client::new()
+    let response = client
         .post(&endpoint)
         .json(body)
         .send()
@@ -283,12 +368,14 @@ async fn post_json(url: &str, path: &str, body: &serde_json::Value) -> anyhow::R
     Ok(())
 }
 
-async fn status(url: &str, request_id: &str) -> anyhow::Result<()> {
+async fn status(client: &reqwest::Client, url: &str, request_id: &str) -> anyhow::Result<()> {
     let endpoint = format!(
         "{}/v1/notifications/{request_id}",
         url.trim_end_matches('/')
     );
-    let response = reqwest::get(&endpoint)
+    let response = client
+        .get(&endpoint)
+        .send()
         .await
         .with_context(|| format!("asking {endpoint}"))?;
     let status = response.status();

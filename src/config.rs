@@ -14,6 +14,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+mod validate;
+
 /// Prefix of every environment variable the gateway reads.
 pub const ENV_PREFIX: &str = "API_NOTIFY__";
 
@@ -28,6 +30,7 @@ pub struct Config {
     pub outbound: OutboundConfig,
     pub retry: RetryConfig,
     pub dispatch: DispatchConfig,
+    pub metrics: MetricsConfig,
     /// Settings every partner gets unless `[partners.<id>]` overrides them.
     pub partner_defaults: PartnerSettings,
     /// Per-partner overrides; keys are partner ids.
@@ -36,7 +39,7 @@ pub struct Config {
 }
 
 /// Delivery policy for one partner.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PartnerSettings {
     /// Deliveries in flight at once for this partner, per dispatcher process.
@@ -95,6 +98,25 @@ pub struct ApiConfig {
     pub max_request_bytes: usize,
     /// How long ingest waits for the queue to acknowledge before answering 503.
     pub queue_timeout_ms: u64,
+    /// Bearer tokens; none means the API is open, which is allowed only on loopback.
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// One API token, as `[[api.tokens]]`. Only the token's hash is configured
+/// (`api-notify token new` prints both).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it, for logs.
+    pub name: String,
+    /// Hex SHA-256 of the token.
+    pub sha256: String,
+    /// Partner ids the token may use; `["*"]` for all.
+    #[serde(default)]
+    pub partners: Vec<String>,
+    /// May call operator routes (replay, partner state).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 /// The store.
@@ -165,12 +187,22 @@ pub struct DispatchConfig {
     pub drain_timeout_ms: u64,
 }
 
+/// Prometheus metrics served at `GET /metrics`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// How often the backlog gauges are recounted from the database and librdkafka reports
+    /// consumer lag.
+    pub refresh_interval_ms: u64,
+}
+
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_request_bytes: 1024 * 1024,
             queue_timeout_ms: 5_000,
+            tokens: Vec::new(),
         }
     }
 }
@@ -242,6 +274,14 @@ impl Default for DispatchConfig {
     }
 }
 
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            refresh_interval_ms: 15_000,
+        }
+    }
+}
+
 impl Default for PartnerSettings {
     fn default() -> Self {
         Self {
@@ -305,50 +345,13 @@ impl Config {
         Ok(config)
     }
 
-    /// Rules serde cannot express.
+    /// Rules serde cannot express; every problem is reported, each naming its key and rule.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let d = &self.dispatch;
-        let o = &self.outbound;
-        anyhow::ensure!(
-            d.max_in_flight > 0,
-            "dispatch.max_in_flight must be at least 1"
-        );
-        anyhow::ensure!(d.claim_batch > 0, "dispatch.claim_batch must be at least 1");
-        anyhow::ensure!(
-            d.lease_secs * 1000 > o.request_timeout_ms + o.connect_timeout_ms,
-            "dispatch.lease_secs ({} s) must exceed outbound.request_timeout_ms + \
-             outbound.connect_timeout_ms so that two workers never post the same row at once",
-            d.lease_secs
-        );
-        for id in self.partners.keys() {
-            let p = self.partner(id);
-            anyhow::ensure!(
-                p.max_in_flight > 0,
-                "partners.{id}.max_in_flight must be at least 1"
-            );
-            anyhow::ensure!(
-                p.request_timeout_ms == 0 || p.request_timeout_ms < d.lease_secs * 1000,
-                "partners.{id}.request_timeout_ms must be shorter than dispatch.lease_secs"
-            );
+        let problems = validate::problems(self);
+        if problems.is_empty() {
+            return Ok(());
         }
-        anyhow::ensure!(
-            !self.partner_defaults.fifo,
-            "partner_defaults.fifo must be false: turn FIFO on per partner in [partners.<id>]"
-        );
-        anyhow::ensure!(
-            self.partner_defaults.max_in_flight > 0,
-            "partner_defaults.max_in_flight must be at least 1"
-        );
-        anyhow::ensure!(
-            self.retry.jitter_percent <= 100,
-            "retry.jitter_percent must be between 0 and 100"
-        );
-        let url = self.database.url.expose();
-        anyhow::ensure!(
-            url.starts_with("sqlite:") || url.starts_with("mysql:") || url.starts_with("mariadb:"),
-            "database.url must start with sqlite:// or mysql://"
-        );
-        Ok(())
+        anyhow::bail!("invalid configuration:\n  {}", problems.join("\n  "))
     }
 
     /// A copy safe to print: the database password replaced by `***`.

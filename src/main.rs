@@ -7,7 +7,11 @@ use api_notify::telemetry;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format, cli.default_log_level());
+    let _log_guard = telemetry::init(
+        cli.log_format,
+        cli.default_log_level(),
+        cli.log_dir.as_deref(),
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -36,6 +36,8 @@ pub enum Reply {
     Status(u16),
     /// A status with a `Retry-After` header.
     RetryAfter(u16, String),
+    /// A 3xx status with a `Location` header.
+    Redirect(u16, String),
     /// A status after a delay (a slow receiver).
     Delayed(u16, Duration),
     /// Accept the request and never answer.
@@ -172,6 +174,7 @@ async fn record(
     match (shared.script)(&received) {
         Reply::Status(code) => status(code).into_response(),
         Reply::RetryAfter(code, after) => (status(code), [("retry-after", after)]).into_response(),
+        Reply::Redirect(code, to) => (status(code), [("location", to)]).into_response(),
         Reply::Delayed(code, delay) => {
             tokio::time::sleep(delay).await;
             status(code).into_response()

@@ -13,14 +13,17 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::api::{AppState, router};
 use crate::config::Config;
 use crate::dispatch::{Delivery, Dispatcher, Partners};
 use crate::guard::AddressGuard;
+use crate::metrics::{self, Metrics};
 use crate::model::Limits;
-use crate::queue::{EmbeddedQueue, KafkaQueue, Queue, run_embedded_intake, run_kafka_intake};
+use crate::queue::{
+    EmbeddedQueue, KafkaIntake, KafkaQueue, Queue, run_embedded_intake, run_kafka_intake,
+};
 use crate::store::Store;
 
 /// Which parts of the gateway this process runs.
@@ -85,20 +88,29 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     let queue_timeout = Duration::from_millis(config.api.queue_timeout_ms);
+    let metrics = Arc::new(Metrics::new());
+    let refresh = Duration::from_millis(config.metrics.refresh_interval_ms);
 
     let queue = match &config.kafka {
         Some(kafka) => {
             if roles.intake {
-                let run =
-                    run_kafka_intake(kafka.clone(), store.clone(), wake.clone(), shutdown.clone());
+                let intake = KafkaIntake {
+                    config: kafka.clone(),
+                    store: store.clone(),
+                    wake: wake.clone(),
+                    metrics: metrics.clone(),
+                    statistics_interval: refresh,
+                };
+                let run = run_kafka_intake(intake, shutdown.clone());
                 tasks.spawn(async move { ("intake", run.await) });
             }
-            Queue::Kafka(KafkaQueue::new(kafka, queue_timeout)?)
+            Queue::Kafka(KafkaQueue::new(kafka, queue_timeout, metrics.clone())?)
         }
         None => {
             let (queue, intake) = EmbeddedQueue::new(4096);
             if roles.api {
-                let run = run_embedded_intake(intake, store.clone(), wake.clone(), 500);
+                let run =
+                    run_embedded_intake(intake, store.clone(), wake.clone(), 500, metrics.clone());
                 tasks.spawn(async move {
                     run.await;
                     ("intake", Ok(()))
@@ -117,12 +129,15 @@ pub async fn run(
             retention: config.retention.clone(),
             partners: Arc::new(Partners::new(config.clone())),
             wake: wake.clone(),
+            metrics: metrics.clone(),
         };
         let run = dispatcher.run(shutdown.clone());
         tasks.spawn(async move { ("dispatch", run.await) });
     }
 
-    if roles.api {
+    if !roles.api {
+        drop(listener); // never leave a socket accepting connections nobody serves
+    } else {
         let listener = match listener {
             Some(l) => l,
             None => TcpListener::bind(config.api.listen)
@@ -135,8 +150,19 @@ pub async fn run(
             limits: Limits::default(),
             guard: AddressGuard::new(config.outbound.allow_cidrs.clone()),
             max_request_bytes: config.api.max_request_bytes,
+            metrics: metrics.clone(),
             config: config.clone(),
+            tokens: crate::api::auth::Tokens::new(&config.api.tokens),
         });
+        let refresher =
+            metrics::run_backlog_refresh(metrics.clone(), store.clone(), refresh, shutdown.clone());
+        tasks.spawn(async move {
+            refresher.await;
+            ("metrics", Ok(()))
+        });
+        if state.tokens.is_open() {
+            warn!("authentication is off (no api.tokens): the API accepts anyone on loopback");
+        }
         info!(address = %listener.local_addr()?, mode = mode(&config), "API listening");
         let app = router(state);
         let stop = shutdown.clone();

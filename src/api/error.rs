@@ -20,15 +20,20 @@ pub struct ApiError {
     pub retry_after_secs: Option<u32>,
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
+/// The JSON shape of every error answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct ErrorBody<'a> {
     error: ErrorOut<'a>,
 }
 
-#[derive(Serialize)]
-struct ErrorOut<'a> {
+/// What went wrong, for the caller.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct ErrorOut<'a> {
+    /// Stable machine-readable code, e.g. `invalid`, `conflict`, `unavailable`.
     code: &'a str,
+    /// Human-readable explanation.
     message: &'a str,
+    /// The request field at fault, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<&'a str>,
 }

@@ -22,8 +22,9 @@ pub use deliver::{AttemptResult, Delivery, REQUEST_ID, Verdict, WEBHOOK_ID};
 pub use partner::{BreakerState, Partners};
 
 use crate::config::{DispatchConfig, RetentionConfig, RetryConfig};
+use crate::metrics::Metrics;
 use crate::model::now_ms;
-use crate::store::{Claimed, Finish, Outcome, Store};
+use crate::store::{AttemptRecord, Claimed, Finish, Outcome, Store};
 
 /// Most outcomes written in one transaction.
 const FINISH_BATCH_MAX: usize = 500;
@@ -39,6 +40,7 @@ pub struct Dispatcher {
     pub partners: Arc<Partners>,
     /// Nudged by an in-process intake when new rows arrive, to skip the idle poll.
     pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Claims held by this process: released on shutdown if their attempt did not finish.
@@ -51,12 +53,14 @@ impl Dispatcher {
         let (finish_tx, finish_rx) = mpsc::channel::<Finish>(4 * FINISH_BATCH_MAX);
         let finisher = tokio::spawn(run_finisher(
             self.store.clone(),
+            self.metrics.clone(),
             finish_rx,
             self.wake.clone(),
             shutdown.clone(),
         ));
         let reaper = tokio::spawn(run_reaper(
             self.store.clone(),
+            self.metrics.clone(),
             self.config.clone(),
             self.retention.clone(),
             shutdown.clone(),
@@ -86,6 +90,7 @@ impl Dispatcher {
                     continue;
                 }
                 Err(e) => {
+                    this.metrics.database_error("claim");
                     error!(error = %e, "claiming due notifications failed; retrying in 1 s");
                     drop(first);
                     sleep_or_cancel(Duration::from_secs(1), &shutdown).await;
@@ -187,6 +192,7 @@ impl Dispatcher {
             ),
             Outcome::Dead => warn!(error = ?result.record.error, "notification is dead"),
         });
+        self.record(&claimed, &outcome, &result.record, now);
         Finish {
             id: claimed.id,
             claim_token: claimed.claim_token,
@@ -194,6 +200,23 @@ impl Dispatcher {
             outcome,
             attempt: result.record,
             finished_at_ms: now,
+        }
+    }
+
+    /// Counts the attempt in the metrics.
+    fn record(&self, claimed: &Claimed, outcome: &Outcome, attempt: &AttemptRecord, now: i64) {
+        let label = match outcome {
+            Outcome::Delivered => "delivered",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Dead => "dead",
+        };
+        let metrics = &self.metrics;
+        metrics.attempt_finished(label, millis_to_secs(attempt.duration_ms));
+        match (outcome, attempt.error_class.as_deref()) {
+            (Outcome::Delivered, _) => {
+                metrics.delivered(millis_to_secs(now - claimed.created_at_ms))
+            }
+            (_, class) => metrics.partner_failure(&claimed.partner_id, class.unwrap_or("unknown")),
         }
     }
 
@@ -211,7 +234,9 @@ impl Dispatcher {
             BreakerState::Open => warn!(partner_id, "circuit breaker opened; deliveries paused"),
             _ => info!(partner_id, breaker = name, "circuit breaker changed"),
         }
+        self.metrics.breaker_changed(partner_id, name);
         if let Err(e) = self.store.record_breaker(partner_id, name, now).await {
+            self.metrics.database_error("breaker");
             warn!(partner_id, error = %e, "could not record the breaker state");
         }
     }
@@ -233,7 +258,10 @@ impl Dispatcher {
             held.lock().expect("held claims lock").drain().collect();
         match self.store.release(&claims, now_ms()).await {
             Ok(n) => info!(released = n, "released unfinished claims"),
-            Err(e) => warn!(error = %e, "could not release claims; their leases will expire"),
+            Err(e) => {
+                self.metrics.database_error("release");
+                warn!(error = %e, "could not release claims; their leases will expire");
+            }
         }
     }
 }
@@ -261,6 +289,7 @@ fn outcome(retry: &RetryConfig, verdict: &Verdict, counted: i64, now: i64) -> Ou
 /// waiting for the idle poll would leave that room unused.
 async fn run_finisher(
     store: Store,
+    metrics: Arc<Metrics>,
     mut rx: mpsc::Receiver<Finish>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
@@ -280,6 +309,7 @@ async fn run_finisher(
                 debug!(error = %e, "writing outcomes lost a lock race; retrying");
                 continue;
             }
+            metrics.database_error("finish");
             if shutdown.is_cancelled() && failures >= 5 {
                 error!(error = %e, lost = batch.len(), "giving up writing outcomes at shutdown; \
                        those notifications will be attempted again after their leases expire");
@@ -296,6 +326,7 @@ async fn run_finisher(
 /// the retention age every `purge_interval_secs`.
 async fn run_reaper(
     store: Store,
+    metrics: Arc<Metrics>,
     config: DispatchConfig,
     retention: RetentionConfig,
     shutdown: CancellationToken,
@@ -307,18 +338,30 @@ async fn run_reaper(
         match store.reap(now_ms()).await {
             Ok(0) => {}
             Ok(n) => warn!(reaped = n, "returned expired leases to pending"),
-            Err(e) => warn!(error = %e, "reaping expired leases failed"),
+            Err(e) => {
+                metrics.database_error("reap");
+                warn!(error = %e, "reaping expired leases failed");
+            }
         }
         if retention.max_age_secs > 0 && now_ms() - last_purge_ms >= purge_every_ms {
             last_purge_ms = now_ms();
-            purge(&store, &retention, &shutdown).await;
+            purge(&store, &metrics, &retention, &shutdown).await;
         }
         sleep_or_cancel(period, &shutdown).await;
     }
 }
 
+fn millis_to_secs(ms: i64) -> f64 {
+    ms as f64 / 1000.0
+}
+
 /// Deletes finished rows older than the retention age, one small batch at a time.
-async fn purge(store: &Store, retention: &RetentionConfig, shutdown: &CancellationToken) {
+async fn purge(
+    store: &Store,
+    metrics: &Metrics,
+    retention: &RetentionConfig,
+    shutdown: &CancellationToken,
+) {
     let age_ms = i64::try_from(retention.max_age_secs * 1000).unwrap_or(i64::MAX);
     let cutoff = now_ms().saturating_sub(age_ms);
     let mut total = 0;
@@ -331,6 +374,7 @@ async fn purge(store: &Store, retention: &RetentionConfig, shutdown: &Cancellati
                 }
             }
             Err(e) => {
+                metrics.database_error("purge");
                 warn!(error = %e, "retention purge failed");
                 break;
             }

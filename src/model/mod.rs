@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 pub use validate::{FieldError, Limits, parse_notification};
 
 /// `POST /v1/notifications` body as sent by callers.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NotificationIn {
     pub request_id: String,
@@ -26,11 +26,12 @@ pub struct NotificationIn {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Kept as the caller's exact text: a JSON string is sent decoded, anything else verbatim.
+    #[schema(value_type = serde_json::Value)]
     pub body: Box<RawValue>,
 }
 
 /// One target as sent by callers.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointIn {
     /// An IP literal; host names are not accepted (there is no resolution to guard).

@@ -9,6 +9,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{error, info};
 
 use super::{QueueError, Submitted};
+use crate::metrics::Metrics;
 use crate::model::NewNotification;
 use crate::store::{InsertOutcome, Store};
 
@@ -54,6 +55,7 @@ pub async fn run_embedded_intake(
     store: Store,
     wake: Arc<Notify>,
     batch_max: usize,
+    metrics: Arc<Metrics>,
 ) {
     info!("embedded intake started");
     let mut items = Vec::with_capacity(batch_max);
@@ -67,6 +69,7 @@ pub async fn run_embedded_intake(
                 wake.notify_one();
             }
             Err(e) => {
+                metrics.database_error("insert");
                 error!(error = %e, rows = batch.len(), "embedded intake could not store a batch");
                 for reply in replies {
                     let _ = reply.send(Err("the store did not accept the notification".into()));

@@ -5,22 +5,28 @@
 //! is committed to the database, so a crash replays records (deduplicated by the unique
 //! `request_id`) and never skips one. Delivery to partners never runs inside this loop: a slow
 //! partner cannot stall a partition or cause a rebalance.
+//!
+//! Each batch the intake stores runs in an `intake_batch` span naming the topic and, per
+//! partition, the first and last offset, so a log line about a failed insert says which records
+//! it concerns. Consumer lag comes from librdkafka's statistics callback (`LagContext`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::statistics::Statistics;
 use rdkafka::util::Timeout;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use super::{QueueError, Submitted};
 use crate::config::KafkaConfig;
+use crate::metrics::Metrics;
 use crate::model::NewNotification;
 use crate::store::Store;
 
@@ -30,11 +36,27 @@ pub struct KafkaQueue {
     producer: FutureProducer,
     topic: String,
     timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+/// What the intake consumer needs.
+pub struct KafkaIntake {
+    pub config: KafkaConfig,
+    pub store: Store,
+    /// Nudges the dispatcher when rows arrive.
+    pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+    /// How often librdkafka reports statistics (consumer lag).
+    pub statistics_interval: Duration,
 }
 
 impl KafkaQueue {
     /// A producer that gives up on a record after `timeout` (the ingest answers 503 then).
-    pub fn new(config: &KafkaConfig, timeout: Duration) -> anyhow::Result<Self> {
+    pub fn new(
+        config: &KafkaConfig,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             .set("enable.idempotence", "true")
@@ -47,10 +69,19 @@ impl KafkaQueue {
             producer,
             topic: config.topic.clone(),
             timeout,
+            metrics,
         })
     }
 
     pub(super) async fn submit(&self, n: NewNotification) -> Result<Submitted, QueueError> {
+        let result = self.produce(&n).await;
+        if result.is_err() {
+            self.metrics.kafka_produce_failed();
+        }
+        result
+    }
+
+    async fn produce(&self, n: &NewNotification) -> Result<Submitted, QueueError> {
         let payload = serde_json::to_vec(&n).map_err(|e| QueueError::Unavailable(e.to_string()))?;
         let record = FutureRecord::to(&self.topic)
             .key(&n.partner_id)
@@ -86,19 +117,32 @@ impl KafkaQueue {
 
 /// Consumes the topic into the store until `shutdown`; commits offsets before returning.
 pub async fn run_kafka_intake(
-    config: KafkaConfig,
-    store: Store,
-    wake: Arc<Notify>,
+    intake: KafkaIntake,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let consumer: StreamConsumer = ClientConfig::new()
+    let KafkaIntake {
+        config,
+        store,
+        wake,
+        metrics,
+        statistics_interval,
+    } = intake;
+    let context = LagContext {
+        metrics: metrics.clone(),
+        topic: config.topic.clone(),
+    };
+    let consumer: StreamConsumer<LagContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", &config.group)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .create()
+        .set(
+            "statistics.interval.ms",
+            statistics_interval.as_millis().to_string(),
+        )
+        .create_with_context(context)
         .context("creating the Kafka consumer")?;
     consumer
         .subscribe(&[&config.topic])
@@ -125,7 +169,16 @@ pub async fn run_kafka_intake(
                 _ => break,
             }
         }
-        if !store_with_retry(&store, &batch.rows, &shutdown).await {
+        let span = info_span!(
+            "intake_batch",
+            topic = %config.topic,
+            records = batch.rows.len(),
+            offsets = %batch.ranges(),
+        );
+        let stored = store_with_retry(&store, &batch.rows, &metrics, &shutdown)
+            .instrument(span)
+            .await;
+        if !stored {
             break;
         }
         if let Err(e) = consumer.store_offsets(&batch.offsets()) {
@@ -141,11 +194,34 @@ pub async fn run_kafka_intake(
     Ok(())
 }
 
-/// Decoded records and the next offset to commit per partition.
+/// Reports the intake's consumer lag from librdkafka's periodic statistics.
+struct LagContext {
+    metrics: Arc<Metrics>,
+    topic: String,
+}
+
+impl ClientContext for LagContext {
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        for (partition, stats) in &topic.partitions {
+            // Partition -1 is librdkafka's internal "unassigned"; a lag of -1 means unknown.
+            if *partition >= 0 && stats.consumer_lag >= 0 {
+                self.metrics
+                    .set_consumer_lag(*partition, stats.consumer_lag);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for LagContext {}
+
+/// Decoded records and, per partition, the first offset and the next offset to commit.
 #[derive(Default)]
 struct Batch {
     rows: Vec<NewNotification>,
-    offsets: Vec<(String, i32, i64)>,
+    offsets: Vec<(String, i32, i64, i64)>,
 }
 
 impl Batch {
@@ -164,18 +240,31 @@ impl Batch {
         match self
             .offsets
             .iter_mut()
-            .find(|(t, p, _)| t == topic && *p == partition)
+            .find(|(t, p, _, _)| t == topic && *p == partition)
         {
-            Some(entry) => entry.2 = entry.2.max(offset + 1),
+            Some(entry) => {
+                entry.2 = entry.2.min(offset);
+                entry.3 = entry.3.max(offset + 1);
+            }
             None => self
                 .offsets
-                .push((topic.to_string(), partition, offset + 1)),
+                .push((topic.to_string(), partition, offset, offset + 1)),
         }
+    }
+
+    /// `partition:first-last` for each partition in the batch, for the batch's span.
+    fn ranges(&self) -> String {
+        let parts: Vec<String> = self
+            .offsets
+            .iter()
+            .map(|(_, partition, first, next)| format!("{partition}:{first}-{}", next - 1))
+            .collect();
+        parts.join(" ")
     }
 
     fn offsets(&self) -> TopicPartitionList {
         let mut list = TopicPartitionList::new();
-        for (topic, partition, next) in &self.offsets {
+        for (topic, partition, _, next) in &self.offsets {
             let _ = list.add_partition_offset(topic, *partition, Offset::Offset(*next));
         }
         list
@@ -186,13 +275,17 @@ impl Batch {
 async fn store_with_retry(
     store: &Store,
     rows: &[NewNotification],
+    metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> bool {
     let mut delay = Duration::from_millis(100);
     loop {
         match store.insert_batch(rows).await {
             Ok(_) => return true,
-            Err(e) => error!(error = %e, rows = rows.len(), "intake insert failed; retrying"),
+            Err(e) => {
+                metrics.database_error("insert");
+                error!(error = %e, rows = rows.len(), "intake insert failed; retrying");
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}

@@ -8,7 +8,7 @@ mod embedded;
 mod kafka;
 
 pub use embedded::{EmbeddedQueue, run_embedded_intake};
-pub use kafka::{KafkaQueue, run_kafka_intake};
+pub use kafka::{KafkaIntake, KafkaQueue, run_kafka_intake};
 
 use crate::model::NewNotification;
 

@@ -19,11 +19,12 @@ pub enum InsertOutcome {
 }
 
 /// A notification as the status API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct NotificationStatus {
     pub id: String,
     pub request_id: String,
     pub partner_id: String,
+    /// `pending`, `in_flight`, `delivered` or `dead`.
     pub state: String,
     pub attempts: i64,
     pub next_attempt_at_ms: Option<i64>,
@@ -36,7 +37,7 @@ pub struct NotificationStatus {
 }
 
 /// One recorded attempt.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AttemptOut {
     pub number: i64,
     pub endpoint: Option<String>,

@@ -32,7 +32,7 @@ pub struct ReplayRange {
 }
 
 /// Rows per state for one partner.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct PartnerCounts {
     pub pending: i64,
     pub in_flight: i64,

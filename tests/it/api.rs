@@ -17,6 +17,13 @@ use serde_json::Value;
 use tower::ServiceExt;
 
 async fn app(dir: &tempfile::TempDir) -> (axum::Router, Store) {
+    app_with_tokens(dir, api_notify::api::auth::Tokens::default()).await
+}
+
+async fn app_with_tokens(
+    dir: &tempfile::TempDir,
+    tokens: api_notify::api::auth::Tokens,
+) -> (axum::Router, Store) {
     let config = DatabaseConfig {
         url: Secret::new(format!("sqlite://{}", dir.path().join("api.db").display())),
         ..DatabaseConfig::default()
@@ -29,6 +36,7 @@ async fn app(dir: &tempfile::TempDir) -> (axum::Router, Store) {
         store.clone(),
         Arc::default(),
         64,
+        Arc::default(),
     ));
     let state = AppState {
         queue: Queue::Embedded(queue),
@@ -36,7 +44,9 @@ async fn app(dir: &tempfile::TempDir) -> (axum::Router, Store) {
         limits: Limits::default(),
         guard: AddressGuard::new(vec!["127.0.0.0/8".parse().unwrap()]),
         max_request_bytes: 64 * 1024,
+        metrics: Arc::default(),
         config: api_notify::config::Config::default(),
+        tokens,
     };
     (router(Arc::new(state)), store)
 }
@@ -169,5 +179,146 @@ fn example_config_parses_and_matches_the_defaults() {
         toml::to_string(&parsed).unwrap(),
         toml::to_string(&defaults).unwrap(),
         "examples/config.toml should document exactly the defaults"
+    );
+}
+
+async fn get(app: &axum::Router, path: &str) -> (StatusCode, String, String) {
+    let request = Request::get(path).body(Body::empty()).unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        content_type,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn openapi_and_metrics_routes_serve_their_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, _) = app(&dir).await;
+    let (status, content_type, body) = get(&app, "/openapi.json").await;
+    assert_eq!(status, StatusCode::OK, "/openapi.json should answer 200");
+    assert!(
+        content_type.starts_with("application/json"),
+        "/openapi.json should be JSON: {content_type}"
+    );
+    assert_eq!(
+        body,
+        api_notify::api::openapi_json(),
+        "/openapi.json should serve the generated document"
+    );
+
+    let (code, _) = call(&app, "application/json", GOOD).await;
+    assert_eq!(
+        code,
+        StatusCode::ACCEPTED,
+        "a good notification is accepted"
+    );
+    let (status, content_type, body) = get(&app, "/metrics").await;
+    assert_eq!(status, StatusCode::OK, "/metrics should answer 200");
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "/metrics should use the Prometheus text format: {content_type}"
+    );
+    assert!(
+        body.contains("api_notify_ingest_requests_total{outcome=\"accepted\"} 1"),
+        "the accepted ingest should be counted: {body}"
+    );
+}
+
+async fn call_with_token(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> StatusCode {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
+    response.status()
+}
+
+#[tokio::test]
+async fn tokens_are_required_and_scoped_to_partners_and_admin_routes() {
+    use api_notify::api::auth::{Tokens, hash_token};
+    use api_notify::config::TokenConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let (app, _) = app_with_tokens(
+        &dir,
+        Tokens::new(&[
+            TokenConfig {
+                name: "billing".into(),
+                sha256: hash_token("t-billing"),
+                partners: vec!["acme".into()],
+                admin: false,
+            },
+            TokenConfig {
+                name: "ops".into(),
+                sha256: hash_token("t-ops"),
+                partners: vec![],
+                admin: true,
+            },
+        ]),
+    )
+    .await;
+    let other = GOOD.replace("\"acme\"", "\"globex\"").replace("a-1", "a-2");
+    assert_eq!(
+        call_with_token(&app, "POST", "/v1/notifications", None, GOOD).await,
+        StatusCode::UNAUTHORIZED,
+        "no token, 401"
+    );
+    assert_eq!(
+        call_with_token(&app, "POST", "/v1/notifications", Some("wrong"), GOOD).await,
+        StatusCode::UNAUTHORIZED,
+        "unknown token, 401"
+    );
+    assert_eq!(
+        call_with_token(&app, "POST", "/v1/notifications", Some("t-billing"), &other).await,
+        StatusCode::FORBIDDEN,
+        "other partner, 403"
+    );
+    assert_eq!(
+        call_with_token(&app, "POST", "/v1/notifications", Some("t-billing"), GOOD).await,
+        StatusCode::ACCEPTED,
+        "own partner, 202"
+    );
+    assert_eq!(
+        call_with_token(
+            &app,
+            "POST",
+            "/v1/notifications/a-1/replay",
+            Some("t-billing"),
+            "{}"
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "replay needs admin"
+    );
+    assert_eq!(
+        call_with_token(&app, "GET", "/v1/partners/acme", Some("t-ops"), "").await,
+        StatusCode::OK,
+        "admin reads partner state"
+    );
+    assert_eq!(
+        call_with_token(&app, "GET", "/healthz", None, "").await,
+        StatusCode::OK,
+        "health needs no token"
     );
 }

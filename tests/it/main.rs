@@ -7,7 +7,12 @@
 #![allow(unreachable_pub)] // a test binary exports nothing
 
 mod api;
+mod config;
+mod docs;
+mod metrics;
 mod pipeline;
 mod policy;
+mod private;
 mod processes;
+mod readiness;
 mod support;

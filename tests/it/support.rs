@@ -220,6 +220,18 @@ impl Client {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// `GET path`: status and body text.
+    pub async fn get_text(&self, path: &str) -> (StatusCode, String) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("gateway reachable");
+        let status = r.status();
+        (status, r.text().await.unwrap_or_default())
+    }
+
     /// Polls the status API until `state` is reached, for at most `limit`.
     pub async fn wait_for_state(&self, request_id: &str, state: &str, limit: Duration) -> Value {
         let deadline = Instant::now() + limit;
