@@ -97,6 +97,11 @@ pub enum Command {
     /// Measure a gateway started in this process against a loopback receiver (see
     /// scripts/bench and docs/benchmarks.md).
     Bench(crate::bench::BenchArgs),
+    /// WebAssembly plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// API tokens.
     Token {
         #[command(subcommand)]
@@ -114,6 +119,26 @@ pub enum Command {
 pub enum ConfigCommand {
     /// Validate the configuration and print the effective values, secrets redacted.
     Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// `plugin` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Validate a plugin, run it once under the gateway's limits on a sample request (or
+    /// --request FILE), and print the request it produces.
+    Check {
+        /// The plugin's `.wasm` file (next to it, an optional `plugin.toml`).
+        path: PathBuf,
+        /// Partner id to run it as.
+        #[arg(long)]
+        partner: Option<String>,
+        /// A JSON request to transform instead of the sample.
+        #[arg(long)]
+        request: Option<PathBuf>,
+        /// Gateway configuration holding the keys the plugin may use.
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -161,6 +186,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Send { url, file } => send(&client, &url, &file).await,
         Command::Status { url, request_id } => status(&client, &url, &request_id).await,
         replay @ Command::Replay { .. } => run_replay(&client, replay).await,
+        Command::Plugin {
+            command:
+                PluginCommand::Check {
+                    path,
+                    partner,
+                    request,
+                    config,
+                },
+        } => {
+            let config = Config::load(config.as_deref())?;
+            let report = crate::plugin::plugin_check(
+                &path,
+                partner.as_deref(),
+                request.as_deref(),
+                &config.plugins,
+            )
+            .await?;
+            println!("{report}");
+            Ok(())
+        }
         Command::Token {
             command:
                 TokenCommand::New {

@@ -36,6 +36,8 @@ pub struct Config {
     /// Per-partner overrides; keys are partner ids.
     pub partners: BTreeMap<String, PartnerOverride>,
     pub retention: RetentionConfig,
+    /// Per-partner WebAssembly plugins and the keys the host holds for them.
+    pub plugins: crate::plugin::PluginsConfig,
 }
 
 /// Delivery policy for one partner.

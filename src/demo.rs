@@ -19,6 +19,13 @@ use crate::receiver::{Receiver, Reply};
 use crate::server::{self, Roles};
 
 const SAMPLES: &str = include_str!("../examples/notifications.jsonl");
+/// The Standard Webhooks signer, built from `plugins/standard-webhooks`.
+const SIGNER_WASM: &[u8] = include_bytes!("../examples/plugins.d/shop-north/plugin.wasm");
+const SIGNER_TOML: &str = include_str!("../examples/plugins.d/shop-north/plugin.toml");
+/// The partner whose deliveries are signed, and the public test secret of the Standard
+/// Webhooks specification used as its key.
+const SIGNED_PARTNER: &str = "shop-north";
+const DEMO_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 /// The sample file's receiver port and its "down" port, rewritten to live ones.
 const SAMPLE_PORT: u16 = 18081;
 const SAMPLE_DOWN_PORT: u16 = 18099;
@@ -30,7 +37,7 @@ pub async fn run() -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
     let receiver = Receiver::start(SocketAddr::from(([127, 0, 0, 1], 0)), refuse_once()).await?;
     let down_port = closed_port().await?;
-    let config = demo_config(&dir.path().join("demo.db"));
+    let config = demo_config(dir.path())?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let gateway = format!("http://{}", listener.local_addr()?);
     let shutdown = CancellationToken::new();
@@ -84,6 +91,7 @@ pub async fn run() -> anyhow::Result<()> {
         })
         .await;
     print_received(&receiver);
+    print_signatures(&receiver);
     print_attempts(&client, &gateway, "stock-SKU-77").await;
     print_attempts(&client, &gateway, REFUSED_ONCE).await;
 
@@ -104,15 +112,26 @@ pub async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn demo_config(db: &std::path::Path) -> Config {
+fn demo_config(dir: &std::path::Path) -> anyhow::Result<Config> {
     let mut config = Config::default();
+    let db = dir.join("demo.db");
     config.database.url = Secret::new(format!("sqlite://{}", db.display()));
+    let partner_dir = dir.join("plugins.d").join(SIGNED_PARTNER);
+    std::fs::create_dir_all(&partner_dir)?;
+    std::fs::write(partner_dir.join("plugin.wasm"), SIGNER_WASM)?;
+    std::fs::write(partner_dir.join("plugin.toml"), SIGNER_TOML)?;
+    config.plugins.dir = dir.join("plugins.d");
+    let key = crate::plugin::KeyConfig {
+        hmac_secret: Some(crate::plugin::Secret::new(DEMO_SECRET)),
+        ..Default::default()
+    };
+    config.plugins.keys.insert("shop_north_signing".into(), key);
     config.outbound.allow_cidrs = vec!["127.0.0.0/8".parse().expect("valid CIDR")];
     config.outbound.connect_timeout_ms = 1_000;
     config.outbound.request_timeout_ms = 5_000;
     config.retry.schedule_secs = vec![1, 2, 4];
     config.dispatch.poll_interval_ms = 50;
-    config
+    Ok(config)
 }
 
 fn refuse_once() -> crate::receiver::Script {
@@ -186,6 +205,52 @@ fn print_received(receiver: &Receiver) {
     }
 }
 
+/// Shows the signer's headers and checks each signature independently of the plugin.
+fn print_signatures(receiver: &Receiver) {
+    println!("\nsigned by the {SIGNED_PARTNER} plugin (verified here with the partner's secret):");
+    for r in receiver
+        .received()
+        .iter()
+        .filter(|r| r.path.contains(SIGNED_PARTNER))
+    {
+        let header = |name: &str| {
+            r.headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        let (id, ts, sig) = (
+            header("webhook-id"),
+            header("webhook-timestamp"),
+            header("webhook-signature"),
+        );
+        let verdict = if verify(&id, &ts, &r.body, &sig) {
+            "valid"
+        } else {
+            "INVALID"
+        };
+        println!("  {id}  t={ts}  {sig}  {verdict}");
+    }
+}
+
+/// Standard Webhooks verification: HMAC-SHA256 over `id.timestamp.body` with the decoded secret.
+fn verify(id: &str, timestamp: &str, body: &[u8], signatures: &str) -> bool {
+    use base64::Engine;
+    use hmac::Mac;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let Some(Ok(key)) = DEMO_SECRET.strip_prefix("whsec_").map(|k| engine.decode(k)) else {
+        return false;
+    };
+    let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key) else {
+        return false;
+    };
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    let expected = format!("v1,{}", engine.encode(mac.finalize().into_bytes()));
+    signatures.split(' ').any(|s| s == expected)
+}
+
 async fn print_attempts(client: &reqwest::Client, gateway: &str, request_id: &str) {
     let url = format!("{gateway}/v1/notifications/{request_id}");
     let Ok(response) = client.get(&url).send().await else {
@@ -201,13 +266,23 @@ async fn print_attempts(client: &reqwest::Client, gateway: &str, request_id: &st
         .cloned()
         .unwrap_or_default();
     for a in attempts {
-        let fields: BTreeMap<&str, String> = ["number", "endpoint", "status_code", "error"]
-            .into_iter()
-            .map(|k| (k, a[k].to_string()))
-            .collect();
+        let fields: BTreeMap<&str, String> = [
+            "number",
+            "endpoint",
+            "status_code",
+            "error",
+            "plugin_version",
+        ]
+        .into_iter()
+        .map(|k| (k, a[k].to_string()))
+        .collect();
         println!(
-            "  attempt {}  {}  status {}  {}",
-            fields["number"], fields["endpoint"], fields["status_code"], fields["error"]
+            "  attempt {}  {}  status {}  plugin {}  {}",
+            fields["number"],
+            fields["endpoint"],
+            fields["status_code"],
+            fields["plugin_version"],
+            fields["error"]
         );
     }
 }

@@ -21,6 +21,7 @@ use crate::dispatch::{Delivery, Dispatcher, Partners};
 use crate::guard::AddressGuard;
 use crate::metrics::{self, Metrics};
 use crate::model::Limits;
+use crate::plugin::Plugins;
 use crate::queue::{
     EmbeddedQueue, KafkaIntake, KafkaQueue, Queue, run_embedded_intake, run_kafka_intake,
 };
@@ -121,9 +122,11 @@ pub async fn run(
     };
 
     if roles.dispatch {
+        let plugins = load_plugins(&config).await?;
+        plugins.watch(shutdown.clone());
         let dispatcher = Dispatcher {
             store: store.clone(),
-            delivery: Delivery::new(&config.outbound)?,
+            delivery: Delivery::new(&config.outbound)?.with_plugins(plugins),
             config: config.dispatch.clone(),
             retry: config.retry.clone(),
             retention: config.retention.clone(),
@@ -205,4 +208,15 @@ fn mode(config: &Config) -> &'static str {
     } else {
         "embedded"
     }
+}
+
+/// Compiles the plugins found in `plugins.dir` off the async executor.
+async fn load_plugins(config: &Config) -> anyhow::Result<Plugins> {
+    let plugins_config = config.plugins.clone();
+    let plugins = tokio::task::spawn_blocking(move || Plugins::load(&plugins_config))
+        .await
+        .context("plugin loading panicked")??;
+    let stats = plugins.stats();
+    info!(dir = %config.plugins.dir.display(), loaded = stats.loaded_total, "plugins loaded");
+    Ok(plugins)
 }

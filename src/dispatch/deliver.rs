@@ -7,12 +7,14 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use reqwest::Method;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER};
 
 use super::backoff::parse_retry_after;
 use crate::config::OutboundConfig;
 use crate::guard::AddressGuard;
 use crate::model::{Endpoint, now_ms};
+use crate::plugin::{OutboundRequest, PluginError, Plugins};
 use crate::store::{AttemptRecord, Claimed};
 
 /// Header carrying the notification id; stable across attempts and replays.
@@ -59,6 +61,8 @@ pub struct Delivery {
     client: reqwest::Client,
     guard: AddressGuard,
     excerpt_bytes: usize,
+    /// Partner plugins run on each request right before it is sent.
+    plugins: Option<Plugins>,
 }
 
 impl Delivery {
@@ -77,7 +81,14 @@ impl Delivery {
             client,
             guard,
             excerpt_bytes: config.response_excerpt_bytes,
+            plugins: None,
         })
+    }
+
+    /// Runs each partner's plugin on its requests.
+    pub fn with_plugins(mut self, plugins: Plugins) -> Self {
+        self.plugins = Some(plugins);
+        self
     }
 
     /// Makes attempt number `claimed.attempts + 1`; `timeout` overrides the client's total
@@ -96,10 +107,28 @@ impl Delivery {
                 ));
                 continue;
             }
-            match self.post(claimed, endpoint, timeout).await {
+            let (request, plugin_version) = match self.prepare(claimed, endpoint).await {
+                Ok(prepared) => prepared,
+                Err((error, version)) => {
+                    let record = AttemptRecord {
+                        endpoint: Some(endpoint.to_string()),
+                        plugin_version: version,
+                        error_class: Some(PluginError::CLASS.to_string()),
+                        error: Some(error.to_string()),
+                        ..Default::default()
+                    };
+                    let failed = AttemptResult {
+                        verdict: Verdict::Failed { retry_after: None },
+                        record,
+                    };
+                    return finish(failed, started_at_ms, clock);
+                }
+            };
+            match self.send(request, timeout).await {
                 Ok(response) => {
                     let mut result = self.judge(response).await;
                     result.record.endpoint = Some(endpoint.to_string());
+                    result.record.plugin_version = plugin_version;
                     if !failures.is_empty() {
                         let earlier = failures.join("; ");
                         let own = result.record.error.take();
@@ -130,29 +159,54 @@ impl Delivery {
         finish(AttemptResult { verdict, record }, started_at_ms, clock)
     }
 
-    async fn post(
+    /// The request for one endpoint, after the partner's plugin (if any) ran on it, with the
+    /// plugin version; or the plugin's failure.
+    async fn prepare(
         &self,
         claimed: &Claimed,
         endpoint: &Endpoint,
+    ) -> Result<(OutboundRequest, Option<String>), (PluginError, Option<String>)> {
+        let mut headers = claimed.headers.clone();
+        headers.push((WEBHOOK_ID.to_string(), claimed.id.clone()));
+        headers.push((REQUEST_ID.to_string(), claimed.request_id.clone()));
+        let request = OutboundRequest {
+            method: "POST".to_string(),
+            url: endpoint.url(),
+            headers,
+            body: claimed.body.clone(),
+            partner_id: claimed.partner_id.clone(),
+            request_id: claimed.request_id.clone(),
+            notification_id: claimed.id.clone(),
+            attempt: u32::try_from(claimed.attempts + 1).unwrap_or(u32::MAX),
+        };
+        let Some(plugins) = &self.plugins else {
+            return Ok((request, None));
+        };
+        match plugins.transform(request.clone()).await {
+            None => Ok((request, None)),
+            Some(Ok(t)) => Ok((t.request, Some(t.version))),
+            Some(Err(e)) => Err((e, plugins.version(&claimed.partner_id))),
+        }
+    }
+
+    /// Sends exactly the prepared request: the bytes a plugin signed are the bytes on the wire.
+    async fn send(
+        &self,
+        request: OutboundRequest,
         timeout: Option<Duration>,
     ) -> reqwest::Result<reqwest::Response> {
-        let mut headers = HeaderMap::with_capacity(claimed.headers.len() + 2);
-        for (name, value) in &claimed.headers {
+        let mut headers = HeaderMap::with_capacity(request.headers.len());
+        for (name, value) in &request.headers {
             if let (Ok(n), Ok(v)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
                 headers.append(n, v);
             }
         }
-        if let Ok(v) = HeaderValue::try_from(&claimed.id) {
-            headers.insert(WEBHOOK_ID, v);
-        }
-        if let Ok(v) = HeaderValue::try_from(&claimed.request_id) {
-            headers.insert(REQUEST_ID, v);
-        }
-        let mut request = self.client.post(endpoint.url()).headers(headers);
+        let method = Method::from_bytes(request.method.as_bytes()).unwrap_or(Method::POST);
+        let mut builder = self.client.request(method, request.url).headers(headers);
         if let Some(timeout) = timeout {
-            request = request.timeout(timeout);
+            builder = builder.timeout(timeout);
         }
-        request.body(claimed.body.clone()).send().await
+        builder.body(request.body).send().await
     }
 
     /// Classifies an HTTP answer and keeps a bounded excerpt of its body.

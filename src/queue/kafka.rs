@@ -62,6 +62,7 @@ impl KafkaQueue {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", config.linger_ms.to_string())
+            .set("reconnect.backoff.max.ms", "1000")
             .set("message.timeout.ms", timeout.as_millis().max(1).to_string())
             .create()
             .context("creating the Kafka producer")?;
@@ -138,6 +139,7 @@ pub async fn run_kafka_intake(
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        .set("reconnect.backoff.max.ms", "1000")
         .set(
             "statistics.interval.ms",
             statistics_interval.as_millis().to_string(),

@@ -15,4 +15,5 @@ mod policy;
 mod private;
 mod processes;
 mod readiness;
+mod signing;
 mod support;
