@@ -94,6 +94,9 @@ pub enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+    /// Measure a gateway started in this process against a loopback receiver (see
+    /// scripts/bench and docs/benchmarks.md).
+    Bench(crate::bench::BenchArgs),
     /// WebAssembly plugins.
     Plugin {
         #[command(subcommand)]
@@ -162,7 +165,7 @@ impl Cli {
     /// The demo prints its own story; the server logs at info.
     pub fn default_log_level(&self) -> &'static str {
         match self.command {
-            Command::Demo => "warn",
+            Command::Demo | Command::Bench(_) => "warn",
             _ => "info",
         }
     }
@@ -179,6 +182,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => serve(config.as_deref(), listen, roles).await,
         Command::Migrate { config } => migrate(config.as_deref()).await,
         Command::Demo => crate::demo::run().await,
+        Command::Bench(args) => crate::bench::run(args).await,
         Command::Send { url, file } => send(&client, &url, &file).await,
         Command::Status { url, request_id } => status(&client, &url, &request_id).await,
         replay @ Command::Replay { .. } => run_replay(&client, replay).await,

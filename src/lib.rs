@@ -6,6 +6,7 @@
 //! endpoints, retrying on a schedule kept in the database. [`server::run`] wires the roles.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod demo;

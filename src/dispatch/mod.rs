@@ -55,6 +55,7 @@ impl Dispatcher {
             self.store.clone(),
             self.metrics.clone(),
             finish_rx,
+            self.wake.clone(),
             shutdown.clone(),
         ));
         let reaper = tokio::spawn(run_reaper(
@@ -283,11 +284,14 @@ fn outcome(retry: &RetryConfig, verdict: &Verdict, counted: i64, now: i64) -> Ou
 }
 
 /// Writes outcomes in batches; retries while the database is away (the attempts are held in
-/// memory meanwhile, and the dispatcher stops claiming when the channel fills).
+/// memory meanwhile, and the dispatcher stops claiming when the channel fills). After each batch
+/// it wakes the claim loop: partners that were at their in-flight cap have room again, and
+/// waiting for the idle poll would leave that room unused.
 async fn run_finisher(
     store: Store,
     metrics: Arc<Metrics>,
     mut rx: mpsc::Receiver<Finish>,
+    wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     while let Some(first) = rx.recv().await {
@@ -314,6 +318,7 @@ async fn run_finisher(
             error!(error = %e, "writing attempt outcomes failed; retrying");
             tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(25)))).await;
         }
+        wake.notify_one();
     }
 }
 

@@ -149,18 +149,6 @@ impl Store {
         Ok(())
     }
 
-    /// The stored id and content hash for `request_id`, if any.
-    pub async fn lookup(&self, request_id: &str) -> anyhow::Result<Option<(String, String)>> {
-        let row = sqlx::query("SELECT id, content_hash FROM notification WHERE request_id = ?")
-            .bind(request_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(match row {
-            Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
-            None => None,
-        })
-    }
-
     /// State, schedule and attempt log of one notification.
     pub async fn status(&self, request_id: &str) -> anyhow::Result<Option<NotificationStatus>> {
         let row = sqlx::query(

@@ -201,6 +201,10 @@ impl Store {
     /// Writes attempt outcomes and their log rows in one transaction. Returns how many
     /// notifications were updated; a finish whose claim was lost (lease reaped) updates nothing
     /// but its attempt is still logged.
+    ///
+    /// Plain deliveries (the common case) take one `UPDATE … WHERE claim_token = ? AND id IN
+    /// (…)` per claim instead of one statement per row; retries, dead rows and deliveries that
+    /// carry an error text are written one by one.
     pub async fn finish(&self, batch: &[Finish]) -> anyhow::Result<u64> {
         if batch.is_empty() {
             return Ok(0);
@@ -208,55 +212,18 @@ impl Store {
         // Rows are updated in id order so that concurrent finishers lock in the same order.
         let mut ordered: Vec<&Finish> = batch.iter().collect();
         ordered.sort_by(|a, b| a.id.cmp(&b.id));
+        let (plain, single): (Vec<&Finish>, Vec<&Finish>) = ordered
+            .into_iter()
+            .partition(|f| f.outcome == Outcome::Delivered && f.attempt.error.is_none());
         let mut tx = self.pool.begin().await?;
         let mut updated = 0;
-        for f in ordered {
-            let (next_state, next_at, delivered_at) = match f.outcome {
-                Outcome::Delivered => (state::DELIVERED, None, Some(f.finished_at_ms)),
-                Outcome::Retry { next_attempt_at_ms } => {
-                    (state::PENDING, Some(next_attempt_at_ms), None)
-                }
-                Outcome::Dead => (state::DEAD, None, None),
-            };
-            let result = sqlx::query(
-                "UPDATE notification SET state = ?, attempts = ?, \
-                 next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ?, \
-                 last_error = ?, lease_until = NULL, claim_token = NULL, updated_at = ? \
-                 WHERE id = ? AND claim_token = ?",
-            )
-            .bind(next_state)
-            .bind(f.number)
-            .bind(next_at)
-            .bind(delivered_at)
-            .bind(f.attempt.error.as_deref())
-            .bind(f.finished_at_ms)
-            .bind(f.id.as_str())
-            .bind(f.claim_token.as_str())
-            .execute(&mut *tx)
-            .await?;
-            updated += result.rows_affected();
+        for group in by_claim(&plain) {
+            updated += finish_delivered(&mut tx, &group).await?;
         }
-        let sql = format!(
-            "INSERT INTO attempt (notification_id, number, endpoint, plugin_version, status_code, \
-             error_class, error, duration_ms, response_excerpt, started_at) VALUES {}",
-            vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; batch.len()].join(", ")
-        );
-        let mut insert = sqlx::query(&sql);
-        for f in batch {
-            let a = &f.attempt;
-            insert = insert
-                .bind(f.id.as_str())
-                .bind(f.number)
-                .bind(a.endpoint.as_deref())
-                .bind(a.plugin_version.as_deref())
-                .bind(a.status_code)
-                .bind(a.error_class.as_deref())
-                .bind(a.error.as_deref())
-                .bind(a.duration_ms)
-                .bind(a.response_excerpt.as_deref())
-                .bind(a.started_at_ms);
+        for f in single {
+            updated += finish_one(&mut tx, f).await?;
         }
-        insert.execute(&mut *tx).await?;
+        insert_attempts(&mut tx, batch).await?;
         tx.commit().await?;
         Ok(updated)
     }
@@ -296,26 +263,134 @@ impl Store {
         Ok(update.execute(&self.pool).await?.rows_affected())
     }
 
-    /// Gives claims back unfinished (shutdown): the rows are due again at once.
+    /// Gives claims back unfinished (over a partner's cap, or at shutdown): the rows are due
+    /// again at once. One statement per claim token.
     pub async fn release(&self, claims: &[(String, String)], now_ms: i64) -> anyhow::Result<u64> {
+        let mut tokens: Vec<&str> = claims.iter().map(|(_, token)| token.as_str()).collect();
+        tokens.sort_unstable();
+        tokens.dedup();
         let mut released = 0;
         let mut tx = self.pool.begin().await?;
-        for (id, token) in claims {
-            let result = sqlx::query(
+        for token in tokens {
+            let mut ids: Vec<&str> = claims
+                .iter()
+                .filter(|(_, t)| t == token)
+                .map(|(id, _)| id.as_str())
+                .collect();
+            ids.sort_unstable();
+            let sql = format!(
                 "UPDATE notification SET state = ?, lease_until = NULL, claim_token = NULL, \
-                 updated_at = ? WHERE id = ? AND claim_token = ?",
-            )
-            .bind(state::PENDING)
-            .bind(now_ms)
-            .bind(id.as_str())
-            .bind(token.as_str())
-            .execute(&mut *tx)
-            .await?;
-            released += result.rows_affected();
+                 updated_at = ? WHERE claim_token = ? AND id IN ({})",
+                placeholders(ids.len())
+            );
+            let mut query = sqlx::query(&sql)
+                .bind(state::PENDING)
+                .bind(now_ms)
+                .bind(token);
+            for id in ids {
+                query = query.bind(id);
+            }
+            released += query.execute(&mut *tx).await?.rows_affected();
         }
         tx.commit().await?;
         Ok(released)
     }
+}
+
+type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+
+/// `batch` (sorted by id) split by claim token, each part still in id order.
+fn by_claim<'a>(batch: &[&'a Finish]) -> Vec<Vec<&'a Finish>> {
+    let mut groups: Vec<Vec<&Finish>> = Vec::new();
+    for f in batch {
+        match groups
+            .iter_mut()
+            .find(|g| g[0].claim_token == f.claim_token)
+        {
+            Some(group) => group.push(f),
+            None => groups.push(vec![f]),
+        }
+    }
+    groups
+}
+
+/// Marks one claim's delivered rows in one statement; per-row values go through `CASE id`.
+async fn finish_delivered(tx: &mut Tx<'_>, group: &[&Finish]) -> anyhow::Result<u64> {
+    let cases = "WHEN ? THEN ? ".repeat(group.len());
+    let sql = format!(
+        "UPDATE notification SET state = ?, attempts = CASE id {cases}END, \
+         delivered_at = CASE id {cases}END, updated_at = CASE id {cases}END, \
+         last_error = NULL, lease_until = NULL, claim_token = NULL \
+         WHERE claim_token = ? AND id IN ({})",
+        placeholders(group.len())
+    );
+    let mut query = sqlx::query(&sql).bind(state::DELIVERED);
+    for f in group {
+        query = query.bind(f.id.as_str()).bind(f.number);
+    }
+    // delivered_at, then updated_at: both the attempt's own finishing time.
+    for _ in 0..2 {
+        for f in group {
+            query = query.bind(f.id.as_str()).bind(f.finished_at_ms);
+        }
+    }
+    query = query.bind(group[0].claim_token.as_str());
+    for f in group {
+        query = query.bind(f.id.as_str());
+    }
+    Ok(query.execute(&mut **tx).await?.rows_affected())
+}
+
+/// Writes one outcome.
+async fn finish_one(tx: &mut Tx<'_>, f: &Finish) -> anyhow::Result<u64> {
+    let (next_state, next_at, delivered_at) = match f.outcome {
+        Outcome::Delivered => (state::DELIVERED, None, Some(f.finished_at_ms)),
+        Outcome::Retry { next_attempt_at_ms } => (state::PENDING, Some(next_attempt_at_ms), None),
+        Outcome::Dead => (state::DEAD, None, None),
+    };
+    let result = sqlx::query(
+        "UPDATE notification SET state = ?, attempts = ?, \
+         next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ?, \
+         last_error = ?, lease_until = NULL, claim_token = NULL, updated_at = ? \
+         WHERE id = ? AND claim_token = ?",
+    )
+    .bind(next_state)
+    .bind(f.number)
+    .bind(next_at)
+    .bind(delivered_at)
+    .bind(f.attempt.error.as_deref())
+    .bind(f.finished_at_ms)
+    .bind(f.id.as_str())
+    .bind(f.claim_token.as_str())
+    .execute(&mut **tx)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Appends the attempt log rows of `batch` in one multi-row insert.
+async fn insert_attempts(tx: &mut Tx<'_>, batch: &[Finish]) -> anyhow::Result<()> {
+    let sql = format!(
+        "INSERT INTO attempt (notification_id, number, endpoint, plugin_version, status_code, \
+         error_class, error, duration_ms, response_excerpt, started_at) VALUES {}",
+        vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; batch.len()].join(", ")
+    );
+    let mut insert = sqlx::query(&sql);
+    for f in batch {
+        let a = &f.attempt;
+        insert = insert
+            .bind(f.id.as_str())
+            .bind(f.number)
+            .bind(a.endpoint.as_deref())
+            .bind(a.plugin_version.as_deref())
+            .bind(a.status_code)
+            .bind(a.error_class.as_deref())
+            .bind(a.error.as_deref())
+            .bind(a.duration_ms)
+            .bind(a.response_excerpt.as_deref())
+            .bind(a.started_at_ms);
+    }
+    insert.execute(&mut **tx).await?;
+    Ok(())
 }
 
 /// Parameters of one claim.

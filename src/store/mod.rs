@@ -10,6 +10,7 @@
 
 mod intake;
 mod lease;
+mod lookup;
 mod ops;
 
 use std::str::FromStr;
@@ -46,6 +47,7 @@ pub mod state {
 pub struct Store {
     pool: AnyPool,
     dialect: Dialect,
+    lookups: std::sync::Arc<lookup::Lookups>,
 }
 
 /// Rows per state, for readiness, metrics and tests.
@@ -106,7 +108,11 @@ impl Store {
                     crate::config::redact_url(config.url.expose())
                 )
             })?;
-        Ok(Self { pool, dialect })
+        Ok(Self {
+            pool,
+            dialect,
+            lookups: Default::default(),
+        })
     }
 
     pub fn dialect(&self) -> Dialect {
