@@ -24,6 +24,10 @@ use crate::store::NotificationStatus;
 /// Bound on each readiness check, so a dead dependency answers 503 promptly.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long ingest waits for the duplicate lookup before submitting anyway (the intake
+/// deduplicates in any case).
+const LOOKUP_BUDGET: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Answer to an ingest.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AcceptedOut {
@@ -108,13 +112,16 @@ async fn ingest(
         ))
     };
 
-    match state.store.lookup(&request_id).await {
+    // The queue, not the store, decides acceptance: a slow or absent store must not hold ingest.
+    let lookup = tokio::time::timeout(LOOKUP_BUDGET, state.store.lookup(&request_id))
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the store did not answer in time")));
+    match lookup {
         Ok(Some((id, hash))) if hash == notification.content_hash => {
             return answer(StatusCode::OK, id, true);
         }
         Ok(Some(_)) => return Err(ApiError::conflict(&request_id)),
         Ok(None) => {}
-        // The queue, not the store, decides acceptance: a store outage must not stop ingest.
         Err(e) => {
             state.metrics.database_error("lookup");
             warn!(error = %e, "duplicate lookup failed; submitting anyway");

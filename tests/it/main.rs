@@ -10,6 +10,7 @@ mod api;
 mod config;
 mod docs;
 mod metrics;
+mod outage;
 mod pipeline;
 mod policy;
 mod private;
