@@ -84,7 +84,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let store = Store::connect(&config.database).await?;
     if config.database.migrate_on_start {
-        store.migrate().await?;
+        migrate_with_retry(&store).await?;
     }
     let wake = Arc::new(Notify::new());
     let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
@@ -219,4 +219,21 @@ async fn load_plugins(config: &Config) -> anyhow::Result<Plugins> {
     let stats = plugins.stats();
     info!(dir = %config.plugins.dir.display(), loaded = stats.loaded_total, "plugins loaded");
     Ok(plugins)
+}
+
+/// Applies migrations; several processes starting at once may race on the migration table, so
+/// a failure is retried a few times (the loser then finds the work done).
+async fn migrate_with_retry(store: &Store) -> anyhow::Result<()> {
+    let mut attempt = 1;
+    loop {
+        match store.migrate().await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 5 => {
+                warn!(error = %format!("{e:#}"), attempt, "migration failed; retrying");
+                tokio::time::sleep(Duration::from_millis(300 * attempt)).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }

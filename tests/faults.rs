@@ -147,8 +147,18 @@ fn write(config: &Config, dir: &Path) -> PathBuf {
     path
 }
 
-fn spawn(config: &Path, roles: &str, listen: SocketAddr) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_api-notify"))
+/// A gateway process, killed when dropped (also when a test fails half-way).
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(config: &Path, roles: &str, listen: SocketAddr) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_api-notify"))
         .args(["serve", "--config"])
         .arg(config)
         .args(["--roles", roles, "--listen", &listen.to_string()])
@@ -158,7 +168,8 @@ fn spawn(config: &Path, roles: &str, listen: SocketAddr) -> Child {
         )
         .stdout(Stdio::null())
         .spawn()
-        .expect("start api-notify")
+        .expect("start api-notify");
+    Proc(child)
 }
 
 /// Polls `/healthz` of a gateway process for up to 30 s.
@@ -176,9 +187,9 @@ async fn wait_healthy(addr: SocketAddr) {
     panic!("gateway at {addr} should become healthy within 30 s");
 }
 
-fn kill9(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+fn kill9(process: &mut Proc) {
+    let _ = process.0.kill();
+    let _ = process.0.wait();
 }
 
 /// Posts notifications one after another until `stop`, recording every id answered 202.

@@ -244,14 +244,43 @@ fn check_headers(
     Ok(out)
 }
 
+/// Deepest JSON nesting accepted in a body: receivers' parsers often recurse.
+const MAX_BODY_DEPTH: usize = 64;
+
 fn body_text(input: &NotificationIn) -> Result<String, FieldError> {
     let raw = input.body.get();
     if raw.starts_with('"') {
-        serde_json::from_str::<String>(raw)
-            .map_err(|e| FieldError::invalid("body", format!("invalid string: {e}")))
-    } else {
-        Ok(raw.to_string())
+        return serde_json::from_str::<String>(raw)
+            .map_err(|e| FieldError::invalid("body", format!("invalid string: {e}")));
     }
+    if json_depth(raw) > MAX_BODY_DEPTH {
+        return Err(FieldError::invalid(
+            "body",
+            format!("nests deeper than {MAX_BODY_DEPTH} levels"),
+        ));
+    }
+    Ok(raw.to_string())
+}
+
+/// Greatest nesting of arrays and objects in valid JSON text (brackets inside strings ignored).
+fn json_depth(text: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in text.bytes() {
+        match (in_string, escaped, b) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (true, false, b'"') => in_string = false,
+            (true, false, _) => {}
+            (false, _, b'"') => in_string = true,
+            (false, _, b'[' | b'{') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (false, _, b']' | b'}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 #[cfg(test)]
@@ -333,6 +362,21 @@ mod tests {
     }
 
     #[test]
+    fn depth_counts_brackets_outside_strings_only() {
+        assert_eq!(
+            json_depth(r#"{"a":[1,{"b":"[[[{"}]}"#),
+            3,
+            "brackets in strings do not count"
+        );
+        assert_eq!(
+            json_depth(r#""\\\"[""#),
+            0,
+            "escaped quotes keep the string open"
+        );
+        assert_eq!(json_depth("1"), 0);
+    }
+
+    #[test]
     fn refused_endpoint_names_the_address() {
         let json = r#"{"request_id":"r","partner_id":"p","endpoints":[{"ip":"169.254.169.254","port":80}],"body":1}"#;
         let err = parse(json).expect_err("metadata address must be refused");
@@ -360,5 +404,54 @@ mod tests {
             "different bodies must hash differently"
         );
         assert_ne!(a.id, b.id, "each acceptance gets its own id");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let guard = AddressGuard::default();
+                let _ = parse_notification(&bytes, &Limits::default(), &guard);
+            }
+
+            #[test]
+            fn valid_requests_parse_and_string_bodies_arrive_unchanged(
+                request_id in "[A-Za-z0-9._:~@+=-]{1,128}",
+                partner_id in "[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}",
+                port in 1u32..=65535,
+                body in "\\PC{0,200}",
+            ) {
+                let json = serde_json::json!({
+                    "request_id": request_id, "partner_id": partner_id,
+                    "endpoints": [{"ip": "203.0.113.7", "port": port}], "body": body,
+                });
+                let n = parse_notification(json.to_string().as_bytes(), &Limits::default(), &AddressGuard::default())
+                    .expect("a valid request should parse");
+                prop_assert_eq!(n.body, body);
+                prop_assert_eq!(n.endpoints[0].port as u32, port);
+            }
+
+            #[test]
+            fn out_of_range_ports_are_refused_by_name(port in prop_oneof![Just(0u64), 65_536u64..u64::from(u32::MAX)]) {
+                let json = format!(r#"{{"request_id":"r","partner_id":"p","endpoints":[{{"ip":"203.0.113.7","port":{port}}}],"body":1}}"#);
+                let err = parse_notification(json.as_bytes(), &Limits::default(), &AddressGuard::default())
+                    .expect_err("an out-of-range port is refused");
+                prop_assert_eq!(err.field.as_deref(), Some("endpoints[0].port"));
+            }
+
+            #[test]
+            fn deep_nesting_is_refused_not_crashed(depth in 65usize..5_000) {
+                let body = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+                let json = format!(r#"{{"request_id":"r","partner_id":"p","endpoints":[{{"ip":"203.0.113.7","port":1}}],"body":{body}}}"#);
+                let parsed = parse_notification(json.as_bytes(), &Limits::default(), &AddressGuard::default());
+                let err = parsed.expect_err("deep nesting is refused");
+                prop_assert_eq!(err.field.as_deref(), Some("body"));
+            }
+        }
     }
 }

@@ -16,8 +16,31 @@ use crate::support::{
     Client, Gateway, Mode, any_port, closed_addr, config, notification, write_config,
 };
 
+/// A gateway process, killed when dropped (also when a test fails half-way).
+struct Proc(Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `api-notify serve` as a child process.
-fn spawn_gateway(config: &Path, roles: &str, listen: Option<std::net::SocketAddr>) -> Child {
+fn spawn_gateway(config: &Path, roles: &str, listen: Option<std::net::SocketAddr>) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_api-notify"));
     cmd.args(["serve", "--config"])
         .arg(config)
@@ -28,7 +51,7 @@ fn spawn_gateway(config: &Path, roles: &str, listen: Option<std::net::SocketAddr
     cmd.env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    cmd.spawn().expect("start the api-notify binary")
+    Proc(cmd.spawn().expect("start the api-notify binary"))
 }
 
 fn signal(child: &Child, name: &str) {
