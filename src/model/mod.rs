@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-pub use validate::{FieldError, Limits, parse_notification};
+pub use validate::{FieldError, HOST_OWNED_HEADERS, Limits, parse_notification};
 
 /// `POST /v1/notifications` body as sent by callers.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

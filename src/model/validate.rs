@@ -48,19 +48,24 @@ impl FieldError {
     }
 }
 
-/// Headers the gateway owns: callers may not set them.
-const RESERVED_HEADERS: &[&str] = &[
+/// Connection, framing and hop-by-hop headers: the HTTP client sets them, neither callers nor
+/// plugins may.
+pub const HOST_OWNED_HEADERS: &[&str] = &[
     "host",
     "content-length",
     "transfer-encoding",
     "connection",
     "keep-alive",
     "proxy-connection",
-    "proxy-authorization",
     "proxy-authenticate",
+    "proxy-authorization",
     "te",
     "trailer",
     "upgrade",
+];
+
+/// Further headers callers may not set: the gateway's own (plugins may set the signature ones).
+const GATEWAY_HEADERS: &[&str] = &[
     "expect",
     "webhook-id",
     "webhook-timestamp",
@@ -217,7 +222,11 @@ fn check_headers(
                 "is not a valid HTTP header name",
             ));
         }
-        if RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with("proxy-") {
+        let reserved = HOST_OWNED_HEADERS
+            .iter()
+            .chain(GATEWAY_HEADERS)
+            .any(|h| *h == lower);
+        if reserved || lower.starts_with("proxy-") {
             return Err(FieldError::invalid(
                 field,
                 "is set by the gateway and may not be given",

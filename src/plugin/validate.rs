@@ -14,20 +14,7 @@ use super::{OutboundRequest, PluginError};
 /// Methods a plugin may return.
 const ALLOWED_METHODS: &[&str] = &["POST", "PUT", "PATCH"];
 
-/// Headers owned by the host: the connection, framing and hop-by-hop headers.
-const HOST_OWNED_HEADERS: &[&str] = &[
-    "host",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
-];
+use crate::model::HOST_OWNED_HEADERS;
 
 /// Returns `output` with the host's ids restored, or why it may not be sent.
 pub(crate) fn check_output(

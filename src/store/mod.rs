@@ -144,17 +144,14 @@ impl Store {
         let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM notification GROUP BY state")
             .fetch_all(&self.pool)
             .await?;
-        let mut backlog = Backlog::default();
-        for row in rows {
-            let n: i64 = row.try_get("n")?;
-            match row.try_get::<String, _>("state")?.as_str() {
-                state::PENDING => backlog.pending = n,
-                state::IN_FLIGHT => backlog.in_flight = n,
-                state::DELIVERED => backlog.delivered = n,
-                state::DEAD => backlog.dead = n,
-                _ => {}
-            }
-        }
+        let [pending, in_flight, delivered, dead] = tally_states(&rows)?;
+        let mut backlog = Backlog {
+            pending,
+            in_flight,
+            delivered,
+            dead,
+            ..Backlog::default()
+        };
         let row = sqlx::query("SELECT COUNT(*) AS n FROM conflict")
             .fetch_one(&self.pool)
             .await?;
@@ -189,6 +186,24 @@ fn placeholders(n: usize) -> String {
         s.push('?');
     }
     s
+}
+
+/// Pending, in-flight, delivered and dead counts from `SELECT state, COUNT(*) AS n … GROUP BY
+/// state` rows.
+fn tally_states(rows: &[sqlx::any::AnyRow]) -> Result<[i64; 4], sqlx::Error> {
+    use sqlx::Row;
+    let mut counts = [0; 4];
+    for row in rows {
+        let n: i64 = row.try_get("n")?;
+        match row.try_get::<String, _>("state")?.as_str() {
+            state::PENDING => counts[0] = n,
+            state::IN_FLIGHT => counts[1] = n,
+            state::DELIVERED => counts[2] = n,
+            state::DEAD => counts[3] = n,
+            _ => {}
+        }
+    }
+    Ok(counts)
 }
 
 /// A text column. MySQL reports `TEXT` as a blob type through the `Any` driver, so bytes are

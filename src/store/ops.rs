@@ -165,18 +165,13 @@ impl Store {
         .bind(partner_id)
         .fetch_all(&self.pool)
         .await?;
-        let mut counts = PartnerCounts::default();
-        for row in rows {
-            let n: i64 = row.try_get("n")?;
-            match row.try_get::<String, _>("state")?.as_str() {
-                state::PENDING => counts.pending = n,
-                state::IN_FLIGHT => counts.in_flight = n,
-                state::DELIVERED => counts.delivered = n,
-                state::DEAD => counts.dead = n,
-                _ => {}
-            }
-        }
-        Ok(counts)
+        let [pending, in_flight, delivered, dead] = super::tally_states(&rows)?;
+        Ok(PartnerCounts {
+            pending,
+            in_flight,
+            delivered,
+            dead,
+        })
     }
 
     /// Records a partner's breaker state as last seen by a dispatcher.
