@@ -9,8 +9,6 @@
 //! the partner (tens to hundreds), `partition` the topic's partitions. Never label by request or
 //! notification id. `docs/metrics.md` describes every metric; keep it in step with this file.
 //!
-//! TODO: plugin calls, plugin latency and plugin reloads are in the design but not here yet:
-//! declare them when the plugin registry lands on `main` and can record them.
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -39,6 +37,11 @@ const LATENCY_BUCKETS_SECS: &[f64] = &[
 /// One POST's duration buckets in seconds, up to the default request timeout.
 const ATTEMPT_BUCKETS_SECS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Plugin call buckets: tens of microseconds (a warm signer) to the 50 ms CPU budget and beyond.
+const PLUGIN_BUCKETS_SECS: &[f64] = &[
+    0.000_02, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.025, 0.05, 0.1, 0.5,
 ];
 
 /// How an ingest request ended.
@@ -70,6 +73,9 @@ pub struct Metrics {
     conflicts: IntGauge,
     consumer_lag: IntGaugeVec,
     breaker: IntGaugeVec,
+    plugin_calls: IntCounterVec,
+    plugin_call_duration: Histogram,
+    plugin_loads: IntGaugeVec,
 }
 
 impl Metrics {
@@ -141,6 +147,24 @@ impl Metrics {
                 &["partner_id"],
             )
             .expect("valid metric"),
+            plugin_calls: counter_vec(
+                "api_notify_plugin_calls_total",
+                "Plugin calls by partner and outcome (ok, error).",
+                &["partner_id", "outcome"],
+            ),
+            plugin_call_duration: histogram(
+                "api_notify_plugin_call_duration_seconds",
+                "Duration of one plugin call, waiting for a free instance included.",
+                PLUGIN_BUCKETS_SECS,
+            ),
+            plugin_loads: IntGaugeVec::new(
+                Opts::new(
+                    "api_notify_plugin_loads",
+                    "Plugin versions loaded or rejected since start (result: loaded, rejected).",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
             registry,
         };
         metrics.register_all();
@@ -163,7 +187,7 @@ impl Metrics {
         descs.map(|d| d.fq_name.clone()).collect()
     }
 
-    fn collectors(&self) -> [Box<dyn Collector>; 11] {
+    fn collectors(&self) -> [Box<dyn Collector>; 14] {
         [
             Box::new(self.ingest_requests.clone()),
             Box::new(self.kafka_produce_failures.clone()),
@@ -176,6 +200,9 @@ impl Metrics {
             Box::new(self.conflicts.clone()),
             Box::new(self.consumer_lag.clone()),
             Box::new(self.breaker.clone()),
+            Box::new(self.plugin_calls.clone()),
+            Box::new(self.plugin_call_duration.clone()),
+            Box::new(self.plugin_loads.clone()),
         ]
     }
 
@@ -203,6 +230,26 @@ impl Metrics {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# metrics could not be encoded: {e}\n"))
+    }
+
+    /// One plugin call finished.
+    pub fn plugin_call(&self, partner_id: &str, ok: bool, duration_secs: f64) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.plugin_calls
+            .with_label_values(&[partner_id, outcome])
+            .inc();
+        self.plugin_call_duration.observe(duration_secs);
+    }
+
+    /// Plugin versions loaded and rejected since start.
+    pub fn set_plugin_loads(&self, loaded: u64, rejected: u64) {
+        let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.plugin_loads
+            .with_label_values(&["loaded"])
+            .set(as_i64(loaded));
+        self.plugin_loads
+            .with_label_values(&["rejected"])
+            .set(as_i64(rejected));
     }
 
     pub fn ingest(&self, outcome: IngestOutcome) {
@@ -272,6 +319,12 @@ impl Metrics {
             _ => 0,
         };
         self.breaker.with_label_values(&[partner_id]).set(value);
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
     }
 }
 

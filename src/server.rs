@@ -124,9 +124,15 @@ pub async fn run(
     if roles.dispatch {
         let plugins = load_plugins(&config).await?;
         plugins.watch(shutdown.clone());
+        tokio::spawn(report_plugin_loads(
+            plugins.clone(),
+            metrics.clone(),
+            refresh,
+            shutdown.clone(),
+        ));
         let dispatcher = Dispatcher {
             store: store.clone(),
-            delivery: Delivery::new(&config.outbound)?.with_plugins(plugins),
+            delivery: Delivery::new(&config.outbound)?.with_plugins(plugins, metrics.clone()),
             config: config.dispatch.clone(),
             retry: config.retry.clone(),
             retention: config.retention.clone(),
@@ -234,6 +240,23 @@ async fn migrate_with_retry(store: &Store) -> anyhow::Result<()> {
                 attempt += 1;
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Copies the plugin registry's load and rejection counts into the metrics.
+async fn report_plugin_loads(
+    plugins: Plugins,
+    metrics: Arc<Metrics>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        let stats = plugins.stats();
+        metrics.set_plugin_loads(stats.loaded_total, stats.rejected_total);
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => {}
         }
     }
 }

@@ -63,6 +63,7 @@ pub struct Delivery {
     excerpt_bytes: usize,
     /// Partner plugins run on each request right before it is sent.
     plugins: Option<Plugins>,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl Delivery {
@@ -82,12 +83,18 @@ impl Delivery {
             guard,
             excerpt_bytes: config.response_excerpt_bytes,
             plugins: None,
+            metrics: None,
         })
     }
 
-    /// Runs each partner's plugin on its requests.
-    pub fn with_plugins(mut self, plugins: Plugins) -> Self {
+    /// Runs each partner's plugin on its requests, counting the calls in `metrics`.
+    pub fn with_plugins(
+        mut self,
+        plugins: Plugins,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Self {
         self.plugins = Some(plugins);
+        self.metrics = Some(metrics);
         self
     }
 
@@ -182,7 +189,13 @@ impl Delivery {
         let Some(plugins) = &self.plugins else {
             return Ok((request, None));
         };
-        match plugins.transform(request.clone()).await {
+        let clock = Instant::now();
+        let result = plugins.transform(request.clone()).await;
+        if let (Some(metrics), Some(result)) = (&self.metrics, &result) {
+            let secs = clock.elapsed().as_secs_f64();
+            metrics.plugin_call(&claimed.partner_id, result.is_ok(), secs);
+        }
+        match result {
             None => Ok((request, None)),
             Some(Ok(t)) => Ok((t.request, Some(t.version))),
             Some(Err(e)) => Err((e, plugins.version(&claimed.partner_id))),

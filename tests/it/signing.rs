@@ -115,5 +115,11 @@ async fn signed_bodies_arrive_byte_for_byte_and_verify() {
         "no transcoding"
     );
     assert!(verify(second), "the signature verifies over multibyte text");
+    let (_, metrics) = g.client.get_text("/metrics").await;
+    let calls = r#"api_notify_plugin_calls_total{outcome="ok",partner_id="p-sign-01"} 2"#;
+    assert!(
+        metrics.contains(calls),
+        "two successful plugin calls are counted:\n{metrics}"
+    );
     g.stop().await;
 }
