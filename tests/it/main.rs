@@ -20,3 +20,8 @@ mod readiness;
 mod secrets;
 mod signing;
 mod support;
+
+/// Plugins written as component text, shared with the plugin sandbox tests.
+#[allow(dead_code)]
+#[path = "../plugin/wat.rs"]
+mod wat;

@@ -12,9 +12,7 @@ use serde_json::json;
 
 use crate::support::{Gateway, Mode, any_port, config, notification};
 
-#[allow(dead_code)]
-#[path = "../plugin/wat.rs"]
-mod wat;
+use crate::wat;
 
 fn install(dir: &std::path::Path, partner: &str, component_text: &str) {
     let partner_dir = dir.join(partner);

@@ -10,9 +10,7 @@ use serde_json::json;
 
 use crate::support::{Client, Mode, any_port, closed_addr, config, notification};
 
-#[allow(dead_code)]
-#[path = "../plugin/wat.rs"]
-mod wat;
+use crate::wat;
 
 const HMAC_SECRET: &str = "whsec_c2VjcmV0LW9mLWEtcm90YXRlZC1lbmRwb2ludA==";
 const TOKEN: &str = "ant_secret-token-value-for-the-leak-test";
