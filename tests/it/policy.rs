@@ -447,3 +447,62 @@ async fn retention_purge_removes_only_finished_rows_older_than_the_limit() {
     );
     store.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn receiver_hanging_past_the_timeout_gets_everything_once_it_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = gateway("hang", &dir, |c| {
+        c.outbound.request_timeout_ms = 1_000;
+        c.retry.schedule_secs = vec![1; 10];
+    })
+    .await;
+    let answering = Arc::new(AtomicBool::new(false));
+    let flag = answering.clone();
+    let r = Receiver::start(
+        any_port(),
+        Arc::new(move |_: &receiver::Received| {
+            if flag.load(Ordering::SeqCst) {
+                Reply::Status(200)
+            } else {
+                Reply::Hang
+            }
+        }),
+    )
+    .await
+    .unwrap();
+    let mut ledger = std::collections::HashSet::new();
+    for i in 0..20 {
+        let (code, body) = g
+            .client
+            .post(&notification(
+                &format!("hang-{i}"),
+                "slowpoke",
+                &[r.addr()],
+                json!({"i": i}),
+            ))
+            .await;
+        assert_eq!(code, StatusCode::ACCEPTED);
+        ledger.insert(body["id"].as_str().unwrap().to_string());
+    }
+    r.wait_until(Duration::from_secs(10), |log| log.len() >= 20)
+        .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await; // every first attempt has timed out
+    answering.store(true, Ordering::SeqCst);
+    for i in 0..20 {
+        let status = g
+            .client
+            .wait_for_state(&format!("hang-{i}"), "delivered", Duration::from_secs(30))
+            .await;
+        assert_eq!(
+            status["attempt_log"][0]["error_class"], "timeout",
+            "the hung attempt is a timeout: {status}"
+        );
+    }
+    let counts = r.counts();
+    let seen: std::collections::HashSet<String> = counts.keys().cloned().collect();
+    assert_eq!(
+        seen, ledger,
+        "every accepted notification reached the receiver under its own webhook-id"
+    );
+    g.stop().await;
+}
