@@ -230,6 +230,9 @@ pub async fn run_kafka_intake(
         }
         wake.notify_one();
     }
+    // TODO: with the broker gone, this commit and the consumer's close can block far past the
+    // drain deadline (seen: gateways ignoring SIGTERM after their test broker was killed); bound
+    // them with a timeout so a stop never depends on the broker. A second signal exits at once.
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
         Err(e) => warn!(error = %e, "final offset commit failed; records will replay"),
