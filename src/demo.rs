@@ -19,8 +19,9 @@ use crate::receiver::{Receiver, Reply};
 use crate::server::{self, Roles};
 
 const SAMPLES: &str = include_str!("../examples/notifications.jsonl");
-/// The Standard Webhooks signer, built from `plugins/standard-webhooks`.
-const SIGNER_WASM: &[u8] = include_bytes!("../examples/plugins.d/shop-north/plugin.wasm");
+/// The Standard Webhooks signer, built from `plugins/standard-webhooks` (also the load tool's).
+pub(crate) const SIGNER_WASM: &[u8] =
+    include_bytes!("../examples/plugins.d/shop-north/plugin.wasm");
 const SIGNER_TOML: &str = include_str!("../examples/plugins.d/shop-north/plugin.toml");
 /// The partner whose deliveries are signed, and the public test secret of the Standard
 /// Webhooks specification used as its key.

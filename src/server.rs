@@ -223,7 +223,8 @@ async fn load_plugins(config: &Config) -> anyhow::Result<Plugins> {
         .await
         .context("plugin loading panicked")??;
     let stats = plugins.stats();
-    info!(dir = %config.plugins.dir.display(), loaded = stats.loaded_total, "plugins loaded");
+    info!(dir = %config.plugins.dir.display(), loaded = stats.loaded_total,
+        compiled = stats.compiled_components, "plugins loaded");
     Ok(plugins)
 }
 

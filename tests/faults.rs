@@ -351,3 +351,50 @@ async fn broker_stopped_and_started_again_loses_nothing() {
     settle(&r, &ledger, 0).await;
     kill9(&mut gateway);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_broker_is_gone_still_stops_on_one_sigterm() {
+    let mut broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = kafka_config("orphan", &broker).await;
+    config.dispatch.drain_timeout_ms = 1_000;
+    let path = write(&config, dir.path());
+    let r = Receiver::start(free_addr(), receiver::always_ok())
+        .await
+        .unwrap();
+    let api_addr = free_addr();
+    let mut gateway = spawn(&path, "api,intake,dispatch", api_addr);
+    wait_healthy(api_addr).await;
+    let ledger = Arc::new(Mutex::new(HashSet::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = start_load(api_addr, r.addr(), ledger.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    load.await.unwrap();
+    assert!(
+        !ledger.lock().unwrap().is_empty(),
+        "the intake consumed records, so it has offsets to commit"
+    );
+
+    broker.stop();
+    let _ = Command::new("kill")
+        .args(["-TERM", &gateway.0.id().to_string()])
+        .status();
+    // Drain (1 s) + the intake's final commit budget (5 s) + start-up slack; without the bound
+    // the final commit waits on librdkafka's retries and the process never exits.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exited = loop {
+        if let Ok(Some(status)) = gateway.0.try_wait() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        exited.is_some(),
+        "one SIGTERM should stop a gateway whose broker is gone within 30 s"
+    );
+    kill9(&mut gateway);
+}

@@ -38,7 +38,13 @@ pub struct Tuning {
     pub claim_batch: usize,
     pub linger_ms: u64,
     pub db_connections: u32,
+    /// Partners `p0`, `p1`, … whose deliveries the Standard Webhooks plugin signs (0: none).
+    pub signed_partners: usize,
 }
+
+/// The key the load tool's signer uses: the Standard Webhooks specification's public test secret.
+const BENCH_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const BENCH_KEY: &str = "bench_signing";
 
 /// A running gateway.
 pub(super) struct Gateway {
@@ -67,6 +73,9 @@ impl Gateway {
         let dir = tempfile::tempdir().context("creating a temporary directory")?;
         let name = format!("api_notify_bench_{run_id}");
         let mut config = settings(tuning);
+        if tuning.signed_partners > 0 {
+            install_signer(&mut config, dir.path(), tuning.signed_partners)?;
+        }
         match backend {
             Backend::Embedded => {
                 let file = dir.path().join("gateway.db");
@@ -151,6 +160,30 @@ fn settings(tuning: &Tuning) -> Config {
     c.partner_defaults.max_in_flight = tuning.partner_max_in_flight;
     c.partner_defaults.breaker_cooldown_ms = 1_000;
     c
+}
+
+/// One plugin directory per signed partner, all holding the same signer and key grant.
+fn install_signer(
+    config: &mut Config,
+    dir: &std::path::Path,
+    partners: usize,
+) -> anyhow::Result<()> {
+    let plugins = dir.join("plugins.d");
+    let manifest = format!("keys = [\"{BENCH_KEY}\"]\n\n[config]\nkeys = \"{BENCH_KEY}\"\n");
+    for partner in 0..partners {
+        let partner_dir = plugins.join(format!("p{partner}"));
+        std::fs::create_dir_all(&partner_dir)
+            .with_context(|| format!("creating {}", partner_dir.display()))?;
+        std::fs::write(partner_dir.join("plugin.wasm"), crate::demo::SIGNER_WASM)?;
+        std::fs::write(partner_dir.join("plugin.toml"), &manifest)?;
+    }
+    config.plugins.dir = plugins;
+    let key = crate::plugin::KeyConfig {
+        hmac_secret: Some(crate::plugin::Secret::new(BENCH_SECRET)),
+        ..Default::default()
+    };
+    config.plugins.keys.insert(BENCH_KEY.into(), key);
+    Ok(())
 }
 
 async fn wait_ready(addr: SocketAddr) -> anyhow::Result<()> {

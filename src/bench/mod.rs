@@ -65,6 +65,11 @@ pub struct BenchArgs {
     /// Name of the scenario in the result row.
     #[arg(long, default_value = "custom")]
     pub label: String,
+    /// Sign every delivery with the Standard Webhooks plugin (`plugins/standard-webhooks`,
+    /// one plugin directory per partner, HMAC-SHA256 with a host-held key); the receiver then
+    /// checks that every delivery carries a signature.
+    #[arg(long)]
+    pub signer: bool,
     /// Print the result tables' headers and exit.
     #[arg(long)]
     pub headers: bool,
@@ -103,6 +108,7 @@ impl BenchArgs {
             claim_batch: self.claim_batch,
             linger_ms: self.linger_ms,
             db_connections: self.db_connections,
+            signed_partners: if self.signer { self.partners.max(1) } else { 0 },
         }
     }
 

@@ -27,6 +27,9 @@ pub(super) struct Measured {
     pub(super) end_to_end: Spread,
     /// CPU time of the whole process (client, receiver, gateway) per accepted notification.
     pub(super) cpu_us_per_notification: f64,
+    /// CPU time of MariaDB and of the broker per accepted notification.
+    pub(super) database_cpu_us: f64,
+    pub(super) broker_cpu_us: f64,
 }
 
 /// Process memory from `/proc/self/status`, in MiB.
@@ -119,6 +122,8 @@ fn measure(load: &mut LoadResult, arrivals: &[Arrival], mut e2e_us: Vec<u32>) ->
         ingest: Spread::of(&mut load.latency_us),
         end_to_end: Spread::of(&mut e2e_us),
         cpu_us_per_notification: 0.0,
+        database_cpu_us: 0.0,
+        broker_cpu_us: 0.0,
     }
 }
 
@@ -139,10 +144,42 @@ pub(super) fn memory() -> Memory {
     }
 }
 
-/// CPU time (user + system) this process has used so far. `/proc/self/stat` counts in clock
-/// ticks, 100 per second on Linux x86-64.
-pub(super) fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+/// CPU time (user + system) used so far by this process and by the database and broker
+/// processes on the machine (every process named `mariadbd`, resp. `tansu`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct CpuSnapshot {
+    own: Duration,
+    database: Duration,
+    broker: Duration,
+}
+
+pub(super) fn cpu_snapshot() -> CpuSnapshot {
+    let mut snapshot = CpuSnapshot {
+        own: cpu_time_of("self"),
+        ..CpuSnapshot::default()
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return snapshot;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        match comm.trim() {
+            "mariadbd" | "mysqld" => snapshot.database += cpu_time_of(&pid),
+            "tansu" => snapshot.broker += cpu_time_of(&pid),
+            _ => {}
+        }
+    }
+    snapshot
+}
+
+/// CPU time of `/proc/<pid>`. `/proc/<pid>/stat` counts in clock ticks, 100 per second on
+/// Linux x86-64.
+fn cpu_time_of(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     let ticks = |i: usize| {
@@ -154,10 +191,15 @@ pub(super) fn cpu_time() -> Duration {
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
-/// Fills in the CPU cost per notification from the CPU time used since `cpu_before`.
-pub(super) fn with_cpu(mut measured: Measured, cpu_before: Duration) -> Measured {
-    let used = cpu_time().saturating_sub(cpu_before);
-    measured.cpu_us_per_notification = used.as_secs_f64() * 1e6 / (measured.accepted.max(1) as f64);
+/// Fills in the CPU cost per notification from the CPU time used since `before`.
+pub(super) fn with_cpu(mut measured: Measured, before: CpuSnapshot) -> Measured {
+    let now = cpu_snapshot();
+    let per = |now: Duration, before: Duration| {
+        now.saturating_sub(before).as_secs_f64() * 1e6 / (measured.accepted.max(1) as f64)
+    };
+    measured.cpu_us_per_notification = per(now.own, before.own);
+    measured.database_cpu_us = per(now.database, before.database);
+    measured.broker_cpu_us = per(now.broker, before.broker);
     measured
 }
 
@@ -172,7 +214,8 @@ pub(super) fn load_average() -> String {
 /// Header of the table [`row`] writes.
 pub(super) const TABLE_HEADER: &str = "| scenario | mode | partners | body | accepted | ceiling /s \
      | ingest /s | end-to-end /s | ratio to ceiling | ingest p50 / p99 ms | end-to-end p50 / p99 ms \
-     | RSS now / peak MiB | CPU µs per notification (ceiling / gateway) | load avg |\n\
+     | RSS now / peak MiB | CPU µs per notification (ceiling / gateway / MariaDB / broker) \
+     | load avg |\n\
      |---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 
 /// What a table row says besides the measurements.
@@ -194,8 +237,8 @@ pub(super) fn row(
     let ceiling_rate = ceiling.map(|c| c.end_to_end_per_sec);
     let _ = write!(
         out,
-        "| {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {:.0} / {:.0} | {} / {:.0} \
-         | {} |",
+        "| {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {:.0} / {:.0} | {} / {:.0} / {:.0} / \
+         {:.0} | {} |",
         labels.scenario,
         labels.mode,
         labels.partners,
@@ -217,6 +260,8 @@ pub(super) fn row(
             c.cpu_us_per_notification
         )),
         gateway.cpu_us_per_notification,
+        gateway.database_cpu_us,
+        gateway.broker_cpu_us,
         load_average(),
     );
     out
@@ -249,7 +294,12 @@ mod tests {
             accepted: vec![Sent { id: 7, at }],
             ..LoadResult::default()
         };
-        let twice = [Arrival { id: 7, at }, Arrival { id: 7, at }];
+        let once = Arrival {
+            id: 7,
+            at,
+            signed: false,
+        };
+        let twice = [once, once];
         assert!(
             exactly_once(&mut load, &twice).is_err(),
             "a repeat must fail"

@@ -102,7 +102,7 @@ async fn backlog_phases(
 
 /// The load straight to the receiver; leaves the receiver's log empty.
 async fn ceiling(sink: &Sink, spec: &LoadSpec) -> anyhow::Result<Measured> {
-    let cpu_before = report::cpu_time();
+    let cpu_before = report::cpu_snapshot();
     let mut sent = load::run(spec, Target::Direct).await?;
     let measured = report::exactly_once(&mut sent, &sink.take())?;
     let measured = report::with_cpu(measured, cpu_before);
@@ -119,7 +119,7 @@ async fn through_gateway(
     gateway: &Gateway,
     args: &BenchArgs,
 ) -> anyhow::Result<Measured> {
-    let cpu_before = report::cpu_time();
+    let cpu_before = report::cpu_snapshot();
     let mut sent = load::run(spec, Target::Gateway(gateway.addr())).await?;
     if sent.refused > 0 {
         eprintln!(
@@ -132,7 +132,16 @@ async fn through_gateway(
         return Ok(report::with_cpu(report::ingest_only(&mut sent), cpu_before));
     }
     wait_delivered(sink, sent.accepted.len()).await;
-    let measured = report::exactly_once(&mut sent, &sink.take())?;
+    let arrivals = sink.take();
+    if args.signer {
+        let unsigned = arrivals.iter().filter(|a| !a.signed).count();
+        anyhow::ensure!(
+            unsigned == 0,
+            "{unsigned} of {} deliveries arrived without a webhook-signature",
+            arrivals.len()
+        );
+    }
+    let measured = report::exactly_once(&mut sent, &arrivals)?;
     Ok(report::with_cpu(measured, cpu_before))
 }
 

@@ -39,6 +39,8 @@ pub enum Behaviour {
 pub(super) struct Arrival {
     pub(super) id: u128,
     pub(super) at: Instant,
+    /// Whether it carried a `webhook-signature` header.
+    pub(super) signed: bool,
 }
 
 /// A running receiver on one or more loopback ports; stops when dropped.
@@ -153,11 +155,12 @@ async fn answer(State(shared): State<Arc<Shared>>, headers: HeaderMap, _body: By
         }
     }
     let at = Instant::now();
+    let signed = headers.contains_key("webhook-signature");
     shared
         .delivered
         .lock()
         .expect("sink lock")
-        .push(Arrival { id, at });
+        .push(Arrival { id, at, signed });
     shared.delivered_count.fetch_add(1, Ordering::Relaxed);
     StatusCode::OK
 }

@@ -31,6 +31,8 @@ pub struct PluginStats {
     pub loaded_total: u64,
     /// Plugin versions rejected (did not compile, wrong world, probe failed, bad plugin.toml).
     pub rejected_total: u64,
+    /// Distinct compiled plugin files held now (partners serving the same file share one).
+    pub compiled_components: u64,
 }
 
 /// One plugin version in service.
@@ -88,6 +90,7 @@ impl Registry {
         PluginStats {
             loaded_total: self.loaded_total.load(Ordering::Relaxed),
             rejected_total: self.rejected_total.load(Ordering::Relaxed),
+            compiled_components: self.runtime.compiled_count(),
         }
     }
 
@@ -115,6 +118,19 @@ impl Registry {
         for (partner_id, fingerprint) in scan(&self.config.dir) {
             self.reload(&partner_id, fingerprint);
         }
+        self.forget_unused_code();
+    }
+
+    /// Drops compiled code that no partner's version in service uses any more.
+    fn forget_unused_code(&self) {
+        let in_service = self
+            .serving
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|loaded| loaded.prepared.digest)
+            .collect();
+        self.runtime.keep_compiled(&in_service);
     }
 
     /// Polls the directory until `shutdown`, loading changes once they settle.
@@ -162,6 +178,7 @@ impl Registry {
                 }
             }
         }
+        self.forget_unused_code();
         settling
     }
 

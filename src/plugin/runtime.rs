@@ -2,6 +2,8 @@
 //!
 //! Compilation happens once per plugin version ([`Runtime::prepare`]): the component is checked
 //! against the `plugin` world and its imports against an allow-list, then pre-instantiated.
+//! Partners that ship the same file (a common signer with their own keys) share one compiled
+//! component: the cache is keyed by the file's SHA-256 and keeps only versions in service.
 //! Instances come from the pooling allocator; each call gets an epoch deadline, a memory cap and
 //! fresh host budgets. A plugin's instance is kept warm for its next call (its own partner's
 //! only) and dropped after `max_calls_per_instance` calls or any trap, so what a guest breaks
@@ -12,11 +14,13 @@
 //! instances, and the warm ones are capped globally, so a call always finds a slot.
 //! Calls are synchronous and CPU-bound; run them on a blocking thread.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
+use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::error::Context as _;
@@ -66,10 +70,16 @@ pub(crate) struct Runtime {
     clock: Clock,
     warm: Arc<WarmBudget>,
     max_calls_per_instance: u32,
+    /// Compiled components by the SHA-256 of their file.
+    compiled: Mutex<HashMap<Digest, Component>>,
 }
+
+/// SHA-256 of a plugin file.
+pub(crate) type Digest = [u8; 32];
 
 /// One compiled, type-checked plugin version, ready to instantiate, with its warm instances.
 pub(crate) struct Prepared {
+    pub(crate) digest: Digest,
     pre: PluginPre<CallState>,
     idle: Mutex<Vec<Instance>>,
     warm: Arc<WarmBudget>,
@@ -112,6 +122,7 @@ impl Runtime {
             clock,
             warm,
             max_calls_per_instance: config.max_calls_per_instance,
+            compiled: Mutex::default(),
         })
     }
 
@@ -122,9 +133,8 @@ impl Runtime {
 
     /// Compiles `wasm`, checks it against the world and pre-instantiates it.
     pub(crate) fn prepare(&self, wasm: &[u8]) -> anyhow::Result<Prepared> {
-        let component =
-            Component::from_binary(&self.engine, wasm).context("not a valid component")?;
-        check_imports(&self.engine, &component)?;
+        let digest: Digest = Sha256::digest(wasm).into();
+        let component = self.compile(digest, wasm)?;
 
         let mut linker = self.linker.clone();
         linker.define_unknown_imports_as_traps(&component)?;
@@ -133,10 +143,46 @@ impl Runtime {
             .context("imports do not match")?;
         let pre = PluginPre::new(instance_pre).context("does not export the `plugin` world")?;
         Ok(Prepared {
+            digest,
             pre,
             idle: Mutex::default(),
             warm: Arc::clone(&self.warm),
         })
+    }
+
+    /// The compiled component of `wasm`, from the cache or compiled and import-checked now.
+    fn compile(&self, digest: Digest, wasm: &[u8]) -> anyhow::Result<Component> {
+        let cached = self
+            .compiled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&digest)
+            .cloned();
+        if let Some(component) = cached {
+            return Ok(component);
+        }
+        let component =
+            Component::from_binary(&self.engine, wasm).context("not a valid component")?;
+        check_imports(&self.engine, &component)?;
+        self.compiled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(digest, component.clone());
+        Ok(component)
+    }
+
+    /// Forgets compiled components other than `in_service`, so replaced versions free their code.
+    pub(crate) fn keep_compiled(&self, in_service: &HashSet<Digest>) {
+        self.compiled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|digest, _| in_service.contains(digest));
+    }
+
+    /// Distinct compiled components held.
+    pub(crate) fn compiled_count(&self) -> u64 {
+        let compiled = self.compiled.lock().unwrap_or_else(PoisonError::into_inner);
+        compiled.len() as u64
     }
 
     /// Runs `transform` once under `limits`, on a warm instance of the plugin or a new one.

@@ -230,15 +230,41 @@ pub async fn run_kafka_intake(
         }
         wake.notify_one();
     }
-    // TODO: with the broker gone, this commit and the consumer's close can block far past the
-    // drain deadline (seen: gateways ignoring SIGTERM after their test broker was killed); bound
-    // them with a timeout so a stop never depends on the broker. A second signal exits at once.
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => warn!(error = %e, "final offset commit failed; records will replay"),
-    }
+    finish_consumer(consumer).await;
     info!("Kafka intake stopped");
     Ok(())
+}
+
+/// Longest a stopping intake waits for its final offset commit and the consumer's close.
+const FINAL_COMMIT_BUDGET: Duration = Duration::from_secs(5);
+
+/// Commits the stored offsets and closes the consumer, waiting at most [`FINAL_COMMIT_BUDGET`]:
+/// with the broker gone both can block for as long as librdkafka retries, and a stop must not
+/// depend on the broker. Offsets not committed are replayed on the next start (the intake
+/// deduplicates), so giving up loses nothing. The work runs on a plain thread that is left
+/// behind if it does not finish, rather than on the runtime, whose shutdown would wait for it.
+async fn finish_consumer(consumer: StreamConsumer<LagContext>) {
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("kafka-intake-close".into())
+        .spawn(move || {
+            let committed = consumer.commit_consumer_state(CommitMode::Sync);
+            drop(consumer);
+            let _ = done.send(committed);
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "could not start the final offset commit; records will replay");
+        return;
+    }
+    match tokio::time::timeout(FINAL_COMMIT_BUDGET, finished).await {
+        Ok(Ok(Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)))) => {}
+        Ok(Ok(Err(e))) => warn!(error = %e, "final offset commit failed; records will replay"),
+        Ok(Err(_)) => warn!("the final offset commit ended without an answer; records will replay"),
+        Err(_) => warn!(
+            budget = ?FINAL_COMMIT_BUDGET,
+            "the broker did not take the final offset commit in time; records will replay"
+        ),
+    }
 }
 
 /// Reports the intake's consumer lag from librdkafka's periodic statistics.

@@ -163,3 +163,39 @@ async fn steady_load(plugins: Plugins, stop: Arc<AtomicBool>, failures: Arc<Atom
     }
     calls
 }
+
+#[tokio::test]
+async fn partners_serving_the_same_file_share_one_compiled_component() {
+    let dir = PluginDir::new();
+    let shared = wasm(&wat::echo_version("shared"));
+    for partner in ["a", "b", "c"] {
+        dir.install(partner, &shared, "");
+    }
+    dir.install("d", &wasm(&wat::echo_version("own")), "");
+    let (plugins, shutdown) = start(&dir);
+
+    let stats = plugins.stats();
+    assert_eq!(
+        stats.loaded_total, 5,
+        "p, a, b, c and d are each in service"
+    );
+    assert_eq!(
+        stats.compiled_components, 3,
+        "a, b and c share one compiled file; p and d have their own"
+    );
+    for partner in ["a", "b", "c"] {
+        assert_eq!(
+            marker(&plugins, partner).await.as_deref(),
+            Some("shared"),
+            "partner {partner} runs the shared file"
+        );
+    }
+
+    std::fs::remove_dir_all(dir.partner_dir("d")).expect("the partner directory can be removed");
+    let forgotten = eventually(REJECT_BOUND, async || {
+        plugins.stats().compiled_components == 2
+    })
+    .await;
+    assert!(forgotten, "code no partner serves any more is dropped");
+    shutdown.cancel();
+}
