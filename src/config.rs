@@ -308,7 +308,33 @@ impl Default for RetentionConfig {
     }
 }
 
+/// Upper bound of [`Config::claim_wait_limit_ms`].
+const CLAIM_WAIT_LIMIT_MAX_MS: u64 = 1_000;
+
 impl Config {
+    /// How long a row claimed beyond its partner's room may wait in the dispatcher for a slot:
+    /// half the lease left after the slowest possible POST (connect timeout plus the longest
+    /// request timeout of any partner), at most one second. A row that starts within this
+    /// still has a lease longer than its attempt, so no other dispatcher can take it mid-POST.
+    pub fn claim_wait_limit_ms(&self) -> i64 {
+        let slowest_request = std::iter::once(self.outbound.request_timeout_ms)
+            .chain(std::iter::once(self.partner_defaults.request_timeout_ms))
+            .chain(
+                self.partners
+                    .keys()
+                    .map(|id| self.partner(id).request_timeout_ms),
+            )
+            .max()
+            .unwrap_or(0);
+        let attempt_ms = self.outbound.connect_timeout_ms + slowest_request;
+        let spare_ms = self
+            .dispatch
+            .lease_secs
+            .saturating_mul(1000)
+            .saturating_sub(attempt_ms);
+        i64::try_from((spare_ms / 2).min(CLAIM_WAIT_LIMIT_MAX_MS)).unwrap_or(0)
+    }
+
     /// The effective settings of `partner_id`: defaults with its overrides applied.
     pub fn partner(&self, partner_id: &str) -> PartnerSettings {
         let mut s = self.partner_defaults.clone();
@@ -436,6 +462,36 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claim_wait_leaves_the_slowest_attempt_inside_the_lease() {
+        let mut config = Config::default();
+        assert_eq!(
+            config.claim_wait_limit_ms(),
+            1_000,
+            "a 120 s lease against a 35 s attempt leaves plenty: the one-second cap applies"
+        );
+        config.dispatch.lease_secs = 4;
+        config.outbound.connect_timeout_ms = 1_000;
+        config.outbound.request_timeout_ms = 2_000;
+        assert_eq!(
+            config.claim_wait_limit_ms(),
+            500,
+            "half of the 1 s a 4 s lease has beyond a 3 s attempt"
+        );
+        config.partners.insert(
+            "slow".into(),
+            PartnerOverride {
+                request_timeout_ms: Some(2_900),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            config.claim_wait_limit_ms(),
+            50,
+            "the slowest partner's timeout counts"
+        );
+    }
 
     #[test]
     fn redacted_url_hides_only_the_password() {

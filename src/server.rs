@@ -139,6 +139,7 @@ pub async fn run(
             partners: Arc::new(Partners::new(config.clone())),
             wake: wake.clone(),
             metrics: metrics.clone(),
+            max_wait_ms: config.claim_wait_limit_ms(),
         };
         let run = dispatcher.run(shutdown.clone());
         tasks.spawn(async move { ("dispatch", run.await) });

@@ -4,12 +4,18 @@
 //! [`crate::store`]), so a crashed dispatcher costs at most one repeated POST per notification it
 //! held, after its lease expires and the reaper returns the row. Outcomes are written by one
 //! finisher task in batches, never inside the claim transaction and never across a POST.
+//!
+//! A claim can return more rows of a partner than it has room for (its in-flight cap, rate
+//! limit or breaker probe). Those rows stay leased here, in claim order, and start as the
+//! partner's slots free up; rows that waited longer than [`Dispatcher::max_wait_ms`] go back to
+//! the database for any dispatcher. Giving every surplus row back at once cost two extra row
+//! updates and a re-read of its body per notification for a partner at its cap.
 
 pub mod backoff;
 pub mod deliver;
 pub mod partner;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +47,15 @@ pub struct Dispatcher {
     /// Nudged by an in-process intake when new rows arrive, to skip the idle poll.
     pub wake: Arc<Notify>,
     pub metrics: Arc<Metrics>,
+    /// Longest a claimed row may wait here for its partner's room before it is released; see
+    /// [`crate::config::Config::claim_wait_limit_ms`].
+    pub max_wait_ms: i64,
+}
+
+/// A row claimed beyond its partner's room, leased to this process until a slot frees.
+struct Waiting {
+    claimed: Claimed,
+    since_ms: i64,
 }
 
 /// Claims held by this process: released on shutdown if their attempt did not finish.
@@ -74,6 +89,13 @@ impl Dispatcher {
             "dispatcher started"
         );
 
+        let mut waiting: VecDeque<Waiting> = VecDeque::new();
+        // While rows wait for a partner's slot, a finished attempt wakes the loop to start the
+        // next one at once; a fresh claim then waits for new rows, a written batch of outcomes
+        // or the poll interval, so freed slots do not turn into a stream of empty claims.
+        let slot_freed = Arc::new(Notify::new());
+        let someone_waits = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut claim_fresh = true;
         while !shutdown.is_cancelled() {
             while tasks.try_join_next().is_some() {}
             let first = tokio::select! {
@@ -81,8 +103,8 @@ impl Dispatcher {
                 () = shutdown.cancelled() => break,
             };
             let want = (permits.available_permits() + 1).min(this.config.claim_batch);
-            let claimed = match this.claim(want).await {
-                Ok(claimed) => claimed,
+            let ready = match this.next_batch(want, &mut waiting, claim_fresh).await {
+                Ok(ready) => ready,
                 Err(e) if crate::store::is_transient(&e) => {
                     debug!(error = %e, "claim lost a lock race; retrying");
                     drop(first);
@@ -97,9 +119,9 @@ impl Dispatcher {
                     continue;
                 }
             };
-            let got = claimed.len();
+            let got = ready.len();
             let mut first = Some(first);
-            for c in claimed {
+            for c in ready {
                 let permit = match first.take() {
                     Some(p) => p,
                     None => permits.clone().acquire_owned().await?,
@@ -108,9 +130,13 @@ impl Dispatcher {
                     .expect("held claims lock")
                     .insert(c.id.clone(), c.claim_token.clone());
                 let (this, tx, held) = (this.clone(), finish_tx.clone(), held.clone());
+                let (slot_freed, someone_waits) = (slot_freed.clone(), someone_waits.clone());
                 tasks.spawn(async move {
                     let id = c.id.clone();
                     let finish = this.attempt(c).await;
+                    if someone_waits.load(std::sync::atomic::Ordering::Relaxed) {
+                        slot_freed.notify_one();
+                    }
                     if tx.send(finish).await.is_err() {
                         warn!(notification_id = %id, "finisher gone; the lease will be reaped");
                     }
@@ -118,15 +144,23 @@ impl Dispatcher {
                     drop(permit);
                 });
             }
+            someone_waits.store(!waiting.is_empty(), std::sync::atomic::Ordering::Relaxed);
+            claim_fresh = true;
             if got < want {
                 let idle = Duration::from_millis(this.config.poll_interval_ms);
                 tokio::select! {
                     () = tokio::time::sleep(idle) => {}
                     () = this.wake.notified() => {}
+                    () = slot_freed.notified(), if !waiting.is_empty() => claim_fresh = false,
                     () = shutdown.cancelled() => {}
                 }
             }
         }
+        held.lock().expect("held claims lock").extend(
+            waiting
+                .into_iter()
+                .map(|w| (w.claimed.id, w.claimed.claim_token)),
+        );
         this.drain(tasks, &held).await;
         drop(finish_tx);
         finisher.await?;
@@ -135,10 +169,62 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Claims up to `want` rows the partners have room for, plus due FIFO heads; rows claimed
-    /// beyond a partner's room are released at once.
-    async fn claim(&self, want: usize) -> anyhow::Result<Vec<Claimed>> {
+    /// Up to `want` rows to attempt now, each holding a slot of its partner: first rows waiting
+    /// here for their partner's room (oldest first), then, when `claim_fresh` or nothing waits,
+    /// fresh claims. Fresh rows beyond their partner's room join `waiting`; rows that waited
+    /// past the limit are released.
+    async fn next_batch(
+        &self,
+        want: usize,
+        waiting: &mut VecDeque<Waiting>,
+        claim_fresh: bool,
+    ) -> anyhow::Result<Vec<Claimed>> {
         let now = now_ms();
+        let mut ready = Vec::new();
+        let mut expired = Vec::new();
+        for w in std::mem::take(waiting) {
+            if now - w.since_ms > self.max_wait_ms {
+                expired.push((w.claimed.id, w.claimed.claim_token));
+            } else if ready.len() < want && self.partners.try_start(&w.claimed.partner_id, now) {
+                ready.push(w.claimed);
+            } else {
+                waiting.push_back(w);
+            }
+        }
+        if !expired.is_empty()
+            && let Err(e) = self.store.release(&expired, now).await
+        {
+            self.metrics.database_error("release");
+            warn!(error = %e, rows = expired.len(), "could not release rows that waited for \
+                  their partner's room; their leases will expire");
+        }
+        if ready.len() >= want || !(claim_fresh || waiting.is_empty()) {
+            return Ok(ready);
+        }
+        // Rows already holding partner slots must be attempted even if the claim fails.
+        let fresh = match self.claim(want - ready.len(), now).await {
+            Ok(fresh) => fresh,
+            Err(e) if ready.is_empty() => return Err(e),
+            Err(e) => {
+                debug!(error = %e, "claim failed; attempting the rows already held");
+                Vec::new()
+            }
+        };
+        for c in fresh {
+            if self.partners.try_start(&c.partner_id, now) {
+                ready.push(c);
+            } else {
+                waiting.push_back(Waiting {
+                    claimed: c,
+                    since_ms: now,
+                });
+            }
+        }
+        Ok(ready)
+    }
+
+    /// Claims up to `want` due rows of partners with room now, plus due FIFO heads.
+    async fn claim(&self, want: usize, now: i64) -> anyhow::Result<Vec<Claimed>> {
         let lease_ms = i64::try_from(self.config.lease_secs * 1000)?;
         let exclude = self.partners.excluded(now);
         let mut claimed = self.store.claim(now, want, lease_ms, &exclude).await?;
@@ -147,14 +233,7 @@ impl Dispatcher {
                 claimed.push(head);
             }
         }
-        let (admitted, over): (Vec<_>, Vec<_>) = claimed
-            .into_iter()
-            .partition(|c| self.partners.try_start(&c.partner_id, now));
-        if !over.is_empty() {
-            let back: Vec<_> = over.into_iter().map(|c| (c.id, c.claim_token)).collect();
-            self.store.release(&back, now).await?;
-        }
-        Ok(admitted)
+        Ok(claimed)
     }
 
     /// One attempt for a claimed notification, turned into the write that records it.
@@ -241,7 +320,8 @@ impl Dispatcher {
         }
     }
 
-    /// Waits for in-flight attempts up to the drain deadline, then releases what is left.
+    /// Waits for in-flight attempts up to the drain deadline, then releases what is left
+    /// (including rows that were waiting for their partner's room).
     async fn drain(&self, mut tasks: JoinSet<()>, held: &Held) {
         let deadline = Duration::from_millis(self.config.drain_timeout_ms);
         info!(in_flight = tasks.len(), "dispatcher draining");
@@ -249,13 +329,16 @@ impl Dispatcher {
             while tasks.join_next().await.is_some() {}
         })
         .await;
-        if drained.is_ok() {
-            return;
+        if drained.is_err() {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
         }
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
+        // What is left: attempts cut off by the deadline and rows that waited for a slot.
         let claims: Vec<(String, String)> =
             held.lock().expect("held claims lock").drain().collect();
+        if claims.is_empty() {
+            return;
+        }
         match self.store.release(&claims, now_ms()).await {
             Ok(n) => info!(released = n, "released unfinished claims"),
             Err(e) => {

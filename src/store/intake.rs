@@ -1,5 +1,7 @@
 //! Writes from the intake (dedup on `request_id`) and reads for the status API.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -96,18 +98,18 @@ impl Store {
         for n in batch {
             query = query.bind(n.request_id.as_str());
         }
-        let stored: Vec<(String, String, String)> = query
+        // request_id → (id, content_hash) of the stored row.
+        let stored: HashMap<String, (String, String)> = query
             .fetch_all(&mut *tx)
             .await?
             .iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .map(|r| Ok((r.try_get(1)?, (r.try_get(0)?, r.try_get(2)?))))
             .collect::<Result<_, sqlx::Error>>()?;
 
         let mut outcomes = Vec::with_capacity(batch.len());
         for n in batch {
-            let (id, _, hash) = stored
-                .iter()
-                .find(|(_, request_id, _)| *request_id == n.request_id)
+            let (id, hash) = stored
+                .get(&n.request_id)
                 .ok_or_else(|| anyhow::anyhow!("row for {} vanished after insert", n.request_id))?;
             let outcome = if *id == n.id {
                 InsertOutcome::Inserted

@@ -506,3 +506,60 @@ async fn receiver_hanging_past_the_timeout_gets_everything_once_it_answers() {
     );
     g.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_at_its_cap_gets_every_notification_once_and_never_more_than_its_cap() {
+    const CAP: u64 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let g = gateway("capped", &dir, |c| {
+        c.partners.insert(
+            "narrow".into(),
+            PartnerOverride {
+                max_in_flight: Some(CAP as usize),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let slow = Receiver::start(
+        any_port(),
+        Arc::new(|_: &receiver::Received| Reply::Delayed(200, Duration::from_millis(40))),
+    )
+    .await
+    .unwrap();
+    for i in 0..40 {
+        g.client
+            .post(&notification(
+                &format!("cap-{i}"),
+                "narrow",
+                &[slow.addr()],
+                json!({"i": i}),
+            ))
+            .await;
+    }
+    // The claim takes up to a whole batch of this partner's rows at once; all but three wait in
+    // the dispatcher for a slot. Each answer takes 40 ms, so with at most three in flight no
+    // four requests can arrive within 40 ms of each other.
+    let all = slow
+        .wait_until(Duration::from_secs(30), |log| log.len() >= 40)
+        .await;
+    assert!(all, "every notification arrives");
+    let counts = slow.counts();
+    assert!(
+        counts.len() == 40 && counts.values().all(|n| *n == 1),
+        "each arrives exactly once: {counts:?}"
+    );
+    let mut arrivals: Vec<std::time::Instant> = slow.received().iter().map(|r| r.at).collect();
+    arrivals.sort();
+    let tightest = arrivals
+        .windows(CAP as usize + 1)
+        .map(|w| w[CAP as usize] - w[0])
+        .min()
+        .unwrap();
+    assert!(
+        tightest >= Duration::from_millis(39),
+        "{} requests arrived within {tightest:?}: more than the cap of {CAP} in flight",
+        CAP + 1
+    );
+    g.stop().await;
+}
