@@ -181,6 +181,9 @@ pub async fn run_kafka_intake(
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        // Prefetch at most 16 MiB (librdkafka's default is 64 MiB): the intake stores a batch
+        // at a time, so a deeper queue only adds memory while the database is the slower side.
+        .set("queued.max.messages.kbytes", "16384")
         .set("reconnect.backoff.max.ms", "1000")
         .set(
             "statistics.interval.ms",

@@ -62,6 +62,17 @@ async fn infinite_loop_is_stopped_by_the_deadline() {
 // are spawned, since the test body itself runs on the main thread, not on the worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_looping_plugin_does_not_stall_other_tasks() {
+    assert_loops_do_not_stall(1).await;
+}
+
+// Two workers: one call may run in place on a worker, the second must go to the blocking pool,
+// so the ticker keeps a worker while both loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_looping_calls_on_two_workers_leave_one_worker_free() {
+    assert_loops_do_not_stall(2).await;
+}
+
+async fn assert_loops_do_not_stall(calls: usize) {
     let dir = PluginDir::new();
     let plugins = load_with(&wat::infinite_loop(false), &dir, &dir.config());
     let ticks = Arc::new(AtomicU32::new(0));
@@ -75,20 +86,31 @@ async fn a_looping_plugin_does_not_stall_other_tasks() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let before = ticks.load(Ordering::Relaxed);
-        let error = hostile_call(&plugins).await;
-        (error, ticks.load(Ordering::Relaxed) - before)
+        let loops: Vec<_> = (0..calls)
+            .map(|_| {
+                let plugins = plugins.clone();
+                tokio::spawn(async move { hostile_call(&plugins).await })
+            })
+            .collect();
+        let mut errors = Vec::new();
+        for one in loops {
+            errors.push(one.await.expect("a calling task should not panic"));
+        }
+        (errors, ticks.load(Ordering::Relaxed) - before)
     });
-    let (error, ticks_during_call) = caller.await.expect("the calling task should not panic");
+    let (errors, ticks_during_call) = caller.await.expect("the calling task should not panic");
     ticker.abort();
 
-    assert_eq!(
-        error,
-        PluginError::Timeout { limit_ms: 50 },
-        "the loop should end as a timeout"
-    );
+    for error in errors {
+        assert_eq!(
+            error,
+            PluginError::Timeout { limit_ms: 50 },
+            "each loop should end as a timeout"
+        );
+    }
     assert!(
         ticks_during_call > 0,
-        "other tasks should keep running while a plugin spins"
+        "other tasks should keep running while {calls} plugin call(s) spin"
     );
 }
 
