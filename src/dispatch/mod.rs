@@ -52,6 +52,48 @@ pub struct Dispatcher {
     pub max_wait_ms: i64,
 }
 
+/// Backs off claims that leave partners out and find nothing. Such a claim still walks the
+/// left-out partners' due rows in the index (a partner at its cap with a backlog of 100,000
+/// rows), so repeating it after every written batch of outcomes kept the database busy for
+/// nothing. After an empty one the next waits the poll interval, doubling up to one second;
+/// new rows from the intake, or a claim that found rows, end the pause.
+struct ExcludingClaims {
+    poll_ms: i64,
+    pause_ms: i64,
+    until_ms: i64,
+}
+
+impl ExcludingClaims {
+    const MAX_PAUSE_MS: i64 = 1_000;
+
+    fn new(poll_interval_ms: u64) -> Self {
+        Self {
+            poll_ms: i64::try_from(poll_interval_ms).unwrap_or(Self::MAX_PAUSE_MS),
+            pause_ms: 0,
+            until_ms: 0,
+        }
+    }
+
+    fn skip(&self, now_ms: i64) -> bool {
+        now_ms < self.until_ms
+    }
+
+    fn record(&mut self, found_nothing: bool, now_ms: i64) {
+        if !found_nothing {
+            self.reset();
+            return;
+        }
+        self.pause_ms =
+            (self.pause_ms * 2).clamp(self.poll_ms.min(Self::MAX_PAUSE_MS), Self::MAX_PAUSE_MS);
+        self.until_ms = now_ms + self.pause_ms;
+    }
+
+    fn reset(&mut self) {
+        self.pause_ms = 0;
+        self.until_ms = 0;
+    }
+}
+
 /// A row claimed beyond its partner's room, leased to this process until a slot frees.
 struct Waiting {
     claimed: Claimed,
@@ -66,11 +108,13 @@ impl Dispatcher {
     /// whatever is still held.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let (finish_tx, finish_rx) = mpsc::channel::<Finish>(4 * FINISH_BATCH_MAX);
+        // Nudged by the finisher after each written batch of outcomes.
+        let written = Arc::new(Notify::new());
         let finisher = tokio::spawn(run_finisher(
             self.store.clone(),
             self.metrics.clone(),
             finish_rx,
-            self.wake.clone(),
+            written.clone(),
             shutdown.clone(),
         ));
         let reaper = tokio::spawn(run_reaper(
@@ -96,6 +140,7 @@ impl Dispatcher {
         let slot_freed = Arc::new(Notify::new());
         let someone_waits = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut claim_fresh = true;
+        let mut skipping = ExcludingClaims::new(this.config.poll_interval_ms);
         while !shutdown.is_cancelled() {
             while tasks.try_join_next().is_some() {}
             let first = tokio::select! {
@@ -103,7 +148,10 @@ impl Dispatcher {
                 () = shutdown.cancelled() => break,
             };
             let want = (permits.available_permits() + 1).min(this.config.claim_batch);
-            let ready = match this.next_batch(want, &mut waiting, claim_fresh).await {
+            let ready = match this
+                .next_batch(want, &mut waiting, claim_fresh, &mut skipping)
+                .await
+            {
                 Ok(ready) => ready,
                 Err(e) if crate::store::is_transient(&e) => {
                     debug!(error = %e, "claim lost a lock race; retrying");
@@ -150,7 +198,8 @@ impl Dispatcher {
                 let idle = Duration::from_millis(this.config.poll_interval_ms);
                 tokio::select! {
                     () = tokio::time::sleep(idle) => {}
-                    () = this.wake.notified() => {}
+                    () = this.wake.notified() => skipping.reset(),
+                    () = written.notified() => {}
                     () = slot_freed.notified(), if !waiting.is_empty() => claim_fresh = false,
                     () = shutdown.cancelled() => {}
                 }
@@ -178,6 +227,7 @@ impl Dispatcher {
         want: usize,
         waiting: &mut VecDeque<Waiting>,
         claim_fresh: bool,
+        skipping: &mut ExcludingClaims,
     ) -> anyhow::Result<Vec<Claimed>> {
         let now = now_ms();
         let mut ready = Vec::new();
@@ -202,7 +252,7 @@ impl Dispatcher {
             return Ok(ready);
         }
         // Rows already holding partner slots must be attempted even if the claim fails.
-        let fresh = match self.claim(want - ready.len(), now).await {
+        let fresh = match self.claim(want - ready.len(), now, skipping).await {
             Ok(fresh) => fresh,
             Err(e) if ready.is_empty() => return Err(e),
             Err(e) => {
@@ -223,11 +273,24 @@ impl Dispatcher {
         Ok(ready)
     }
 
-    /// Claims up to `want` due rows of partners with room now, plus due FIFO heads.
-    async fn claim(&self, want: usize, now: i64) -> anyhow::Result<Vec<Claimed>> {
+    /// Claims up to `want` due rows of partners with room now, plus due FIFO heads. A claim that
+    /// leaves partners out and finds nothing is not repeated for a while (see
+    /// [`ExcludingClaims`]).
+    async fn claim(
+        &self,
+        want: usize,
+        now: i64,
+        skipping: &mut ExcludingClaims,
+    ) -> anyhow::Result<Vec<Claimed>> {
         let lease_ms = i64::try_from(self.config.lease_secs * 1000)?;
         let exclude = self.partners.excluded(now);
-        let mut claimed = self.store.claim(now, want, lease_ms, &exclude).await?;
+        let mut claimed = Vec::new();
+        if exclude.is_empty() || !skipping.skip(now) {
+            claimed = self.store.claim(now, want, lease_ms, &exclude).await?;
+            if !exclude.is_empty() {
+                skipping.record(claimed.is_empty(), now);
+            }
+        }
         for partner in self.partners.fifo_ready(now) {
             if let Some(head) = self.store.claim_fifo_head(&partner, now, lease_ms).await? {
                 claimed.push(head);
@@ -476,5 +539,35 @@ async fn sleep_or_cancel(period: Duration, shutdown: &CancellationToken) {
     tokio::select! {
         () = tokio::time::sleep(period) => {}
         () = shutdown.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ExcludingClaims;
+
+    #[test]
+    fn empty_excluding_claims_back_off_up_to_a_second_and_new_rows_end_the_pause() {
+        let mut pause = ExcludingClaims::new(20);
+        assert!(!pause.skip(0), "the first claim runs");
+        pause.record(true, 0);
+        assert!(
+            pause.skip(19),
+            "an empty one pauses the next for the poll interval"
+        );
+        assert!(!pause.skip(20));
+        for _ in 0..10 {
+            pause.record(true, 1_000);
+        }
+        assert!(
+            pause.skip(1_999),
+            "repeated empty claims pause up to a second"
+        );
+        assert!(!pause.skip(2_000), "but never longer");
+        pause.reset();
+        assert!(!pause.skip(1_000), "new rows from the intake end the pause");
+        pause.record(true, 1_000);
+        pause.record(false, 1_001);
+        assert!(!pause.skip(1_002), "a claim that found rows ends it too");
     }
 }
