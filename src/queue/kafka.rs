@@ -184,6 +184,9 @@ pub async fn run_kafka_intake(
         // Prefetch at most 16 MiB (librdkafka's default is 64 MiB): the intake stores a batch
         // at a time, so a deeper queue only adds memory while the database is the slower side.
         .set("queued.max.messages.kbytes", "16384")
+        // A broker that holds a fetch until its maximum wait even when records are there (tansu
+        // does) would otherwise add up to librdkafka's default 500 ms to every delivery.
+        .set("fetch.wait.max.ms", "50")
         .set("reconnect.backoff.max.ms", "1000")
         .set(
             "statistics.interval.ms",
