@@ -6,7 +6,7 @@ use serde::Serialize;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Dialect, Store, opt_text, placeholders, state};
+use super::{Dialect, Store, batch_query, opt_text, placeholders, state};
 use crate::model::NewNotification;
 
 /// What became of one notification offered to [`Store::insert_batch`].
@@ -73,7 +73,7 @@ impl Store {
         };
         let sql =
             format!("INSERT INTO notification {INSERT_COLUMNS} VALUES {row_marks} {on_conflict}");
-        let mut query = sqlx::query(&sql);
+        let mut query = batch_query(&sql);
         for n in batch {
             query = query
                 .bind(n.id.as_str())
@@ -94,7 +94,7 @@ impl Store {
             "SELECT id, request_id, content_hash FROM notification WHERE request_id IN ({})",
             placeholders(batch.len())
         );
-        let mut query = sqlx::query(&sql);
+        let mut query = batch_query(&sql);
         for n in batch {
             query = query.bind(n.request_id.as_str());
         }

@@ -8,7 +8,7 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Dialect, Store, placeholders, state, text};
+use super::{Dialect, Store, batch_query, placeholders, state, text};
 use crate::model::Endpoint;
 
 /// A notification claimed for one delivery attempt.
@@ -144,7 +144,7 @@ impl Store {
              {} ORDER BY next_attempt_at LIMIT ?) RETURNING {CLAIM_COLUMNS}",
             c.exclusion()
         );
-        let mut query = sqlx::query(&sql)
+        let mut query = batch_query(&sql)
             .bind(state::IN_FLIGHT)
             .bind(c.now_ms + c.lease_ms)
             .bind(c.token)
@@ -166,7 +166,7 @@ impl Store {
              {} ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED",
             c.exclusion()
         );
-        let mut query = sqlx::query(&sql).bind(state::PENDING).bind(now_ms);
+        let mut query = batch_query(&sql).bind(state::PENDING).bind(now_ms);
         for partner in c.exclude {
             query = query.bind(partner.as_str());
         }
@@ -185,7 +185,7 @@ impl Store {
              WHERE id IN ({})",
             placeholders(claimed.len())
         );
-        let mut update = sqlx::query(&sql)
+        let mut update = batch_query(&sql)
             .bind(state::IN_FLIGHT)
             .bind(now_ms + lease_ms)
             .bind(token)
@@ -251,7 +251,7 @@ impl Store {
              AND id IN ({})",
             placeholders(expired.len())
         );
-        let mut update = sqlx::query(&sql)
+        let mut update = batch_query(&sql)
             .bind(state::PENDING)
             .bind(now_ms)
             .bind(now_ms)
@@ -283,7 +283,7 @@ impl Store {
                  updated_at = ? WHERE claim_token = ? AND id IN ({})",
                 placeholders(ids.len())
             );
-            let mut query = sqlx::query(&sql)
+            let mut query = batch_query(&sql)
                 .bind(state::PENDING)
                 .bind(now_ms)
                 .bind(token);
@@ -324,7 +324,7 @@ async fn finish_delivered(tx: &mut Tx<'_>, group: &[&Finish]) -> anyhow::Result<
          WHERE claim_token = ? AND id IN ({})",
         placeholders(group.len())
     );
-    let mut query = sqlx::query(&sql).bind(state::DELIVERED);
+    let mut query = batch_query(&sql).bind(state::DELIVERED);
     for f in group {
         query = query.bind(f.id.as_str()).bind(f.number);
     }
@@ -374,7 +374,7 @@ async fn insert_attempts(tx: &mut Tx<'_>, batch: &[Finish]) -> anyhow::Result<()
          error_class, error, duration_ms, response_excerpt, started_at) VALUES {}",
         vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; batch.len()].join(", ")
     );
-    let mut insert = sqlx::query(&sql);
+    let mut insert = batch_query(&sql);
     for f in batch {
         let a = &f.attempt;
         insert = insert

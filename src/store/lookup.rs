@@ -14,7 +14,7 @@ use anyhow::Context;
 use sqlx::{AnyPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Store, placeholders};
+use super::{Store, batch_query, placeholders};
 
 /// Most ids in one query.
 const BATCH_MAX: usize = 256;
@@ -68,7 +68,7 @@ async fn find(pool: &AnyPool, asks: &[Ask]) -> anyhow::Result<HashMap<String, (S
         "SELECT request_id, id, content_hash FROM notification WHERE request_id IN ({})",
         placeholders(asks.len())
     );
-    let mut query = sqlx::query(&sql);
+    let mut query = batch_query(&sql);
     for (request_id, _) in asks {
         query = query.bind(request_id.as_str());
     }

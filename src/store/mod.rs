@@ -176,6 +176,14 @@ pub fn is_transient(error: &anyhow::Error) -> bool {
     })
 }
 
+/// A statement whose text varies with its batch (one `?` per row or id): prepared for this
+/// execution only. Kept in the connection's statement cache, hundreds of near-identical
+/// multi-row statements, each with metadata for up to thousands of parameters, filled it while
+/// the server prepared most of them afresh anyway (docs/benchmarks.md).
+fn batch_query(sql: &str) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
+    sqlx::query(sql).persistent(false)
+}
+
 /// `?, ?, …` with `n` placeholders.
 fn placeholders(n: usize) -> String {
     let mut s = String::with_capacity(n * 3);

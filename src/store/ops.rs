@@ -3,7 +3,7 @@
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Dialect, Store, placeholders, state};
+use super::{Dialect, Store, batch_query, placeholders, state};
 
 /// What a single replay did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +100,7 @@ impl Store {
              WHERE state IN (?, ?) AND id IN ({})",
             placeholders(ids.len())
         );
-        let mut query = sqlx::query(&sql)
+        let mut query = batch_query(&sql)
             .bind(state::PENDING)
             .bind(due_ms)
             .bind(due_ms)
