@@ -110,18 +110,20 @@ impl Dispatcher {
         let (finish_tx, finish_rx) = mpsc::channel::<Finish>(4 * FINISH_BATCH_MAX);
         // Nudged by the finisher after each written batch of outcomes.
         let written = Arc::new(Notify::new());
+        // Set while the finisher holds outcomes it could not write; the reaper waits meanwhile.
+        let unwritten = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let finisher = tokio::spawn(run_finisher(
             self.store.clone(),
             self.metrics.clone(),
             finish_rx,
-            written.clone(),
+            (written.clone(), unwritten.clone()),
             shutdown.clone(),
         ));
         let reaper = tokio::spawn(run_reaper(
             self.store.clone(),
             self.metrics.clone(),
-            self.config.clone(),
-            self.retention.clone(),
+            (self.config.clone(), self.retention.clone()),
+            unwritten,
             shutdown.clone(),
         ));
         let held: Held = Arc::default();
@@ -433,11 +435,15 @@ fn outcome(retry: &RetryConfig, verdict: &Verdict, counted: i64, now: i64) -> Ou
 /// memory meanwhile, and the dispatcher stops claiming when the channel fills). After each batch
 /// it wakes the claim loop: partners that were at their in-flight cap have room again, and
 /// waiting for the idle poll would leave that room unused.
+///
+/// While a batch cannot be written, `unwritten` is set so this process's reaper does not return
+/// those rows' leases (which expire during a long database outage) before their outcomes land:
+/// that would POST delivered notifications again once the database is back.
 async fn run_finisher(
     store: Store,
     metrics: Arc<Metrics>,
     mut rx: mpsc::Receiver<Finish>,
-    wake: Arc<Notify>,
+    (wake, unwritten): (Arc<Notify>, Arc<std::sync::atomic::AtomicBool>),
     shutdown: CancellationToken,
 ) {
     while let Some(first) = rx.recv().await {
@@ -456,14 +462,16 @@ async fn run_finisher(
                 continue;
             }
             metrics.database_error("finish");
+            unwritten.store(true, std::sync::atomic::Ordering::Release);
             if shutdown.is_cancelled() && failures >= 5 {
                 error!(error = %e, lost = batch.len(), "giving up writing outcomes at shutdown; \
                        those notifications will be attempted again after their leases expire");
                 break;
             }
             error!(error = %e, "writing attempt outcomes failed; retrying");
-            tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(25)))).await;
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(10)))).await;
         }
+        unwritten.store(false, std::sync::atomic::Ordering::Release);
         wake.notify_one();
     }
 }
@@ -473,14 +481,19 @@ async fn run_finisher(
 async fn run_reaper(
     store: Store,
     metrics: Arc<Metrics>,
-    config: DispatchConfig,
-    retention: RetentionConfig,
+    (config, retention): (DispatchConfig, RetentionConfig),
+    unwritten: Arc<std::sync::atomic::AtomicBool>,
     shutdown: CancellationToken,
 ) {
     let period = Duration::from_millis(config.reap_interval_ms);
     let purge_every_ms = i64::try_from(retention.purge_interval_secs * 1000).unwrap_or(i64::MAX);
     let mut last_purge_ms = 0;
     while !shutdown.is_cancelled() {
+        if unwritten.load(std::sync::atomic::Ordering::Acquire) {
+            debug!("outcomes not yet written; reaping waits");
+            sleep_or_cancel(period, &shutdown).await;
+            continue;
+        }
         match store.reap(now_ms()).await {
             Ok(0) => {}
             Ok(n) => warn!(reaped = n, "returned expired leases to pending"),

@@ -6,7 +6,7 @@ use serde::Serialize;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Dialect, Store, batch_query, opt_text, placeholders, state};
+use super::{Dialect, Store, batch_query, bind_in, in_list, opt_text, state};
 use crate::model::NewNotification;
 
 /// What became of one notification offered to [`Store::insert_batch`].
@@ -92,12 +92,10 @@ impl Store {
 
         let sql = format!(
             "SELECT id, request_id, content_hash FROM notification WHERE request_id IN ({})",
-            placeholders(batch.len())
+            in_list(batch.len())
         );
-        let mut query = batch_query(&sql);
-        for n in batch {
-            query = query.bind(n.request_id.as_str());
-        }
+        let ids: Vec<&str> = batch.iter().map(|n| n.request_id.as_str()).collect();
+        let query = bind_in(sqlx::query(&sql), &ids);
         // request_id → (id, content_hash) of the stored row.
         let stored: HashMap<String, (String, String)> = query
             .fetch_all(&mut *tx)

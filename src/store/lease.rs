@@ -8,7 +8,9 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Dialect, Store, batch_query, placeholders, state, text};
+use super::{
+    AnyQuery, Dialect, Store, batch_query, bind_in, in_list, in_list_len, placeholders, state, text,
+};
 use crate::model::Endpoint;
 
 /// A notification claimed for one delivery attempt.
@@ -144,16 +146,14 @@ impl Store {
              {} ORDER BY next_attempt_at LIMIT ?) RETURNING {CLAIM_COLUMNS}",
             c.exclusion()
         );
-        let mut query = batch_query(&sql)
+        let query = sqlx::query(&sql)
             .bind(state::IN_FLIGHT)
             .bind(c.now_ms + c.lease_ms)
             .bind(c.token)
             .bind(c.now_ms)
             .bind(state::PENDING)
             .bind(c.now_ms);
-        for partner in c.exclude {
-            query = query.bind(partner.as_str());
-        }
+        let query = c.bind_exclusion(query);
         let rows = query.bind(c.limit as i64).fetch_all(&self.pool).await?;
         rows.iter().map(|r| claimed_from_row(r, c.token)).collect()
     }
@@ -166,10 +166,7 @@ impl Store {
              {} ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED",
             c.exclusion()
         );
-        let mut query = batch_query(&sql).bind(state::PENDING).bind(now_ms);
-        for partner in c.exclude {
-            query = query.bind(partner.as_str());
-        }
+        let query = c.bind_exclusion(sqlx::query(&sql).bind(state::PENDING).bind(now_ms));
         let rows = query.bind(c.limit as i64).fetch_all(&mut *tx).await?;
         // Decode before committing: a row that cannot be read must not be left in flight.
         let claimed: Vec<Claimed> = rows
@@ -183,17 +180,15 @@ impl Store {
         let sql = format!(
             "UPDATE notification SET state = ?, lease_until = ?, claim_token = ?, updated_at = ? \
              WHERE id IN ({})",
-            placeholders(claimed.len())
+            in_list(claimed.len())
         );
-        let mut update = batch_query(&sql)
+        let update = sqlx::query(&sql)
             .bind(state::IN_FLIGHT)
             .bind(now_ms + lease_ms)
             .bind(token)
             .bind(now_ms);
-        for c in &claimed {
-            update = update.bind(c.id.as_str());
-        }
-        update.execute(&mut *tx).await?;
+        let ids: Vec<&str> = claimed.iter().map(|c| c.id.as_str()).collect();
+        bind_in(update, &ids).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(claimed)
     }
@@ -249,18 +244,19 @@ impl Store {
             "UPDATE notification SET state = ?, lease_until = NULL, claim_token = NULL, \
              next_attempt_at = ?, updated_at = ? WHERE state = ? AND lease_until < ? \
              AND id IN ({})",
-            placeholders(expired.len())
+            in_list(expired.len())
         );
-        let mut update = batch_query(&sql)
+        let update = sqlx::query(&sql)
             .bind(state::PENDING)
             .bind(now_ms)
             .bind(now_ms)
             .bind(state::IN_FLIGHT)
             .bind(now_ms);
-        for id in &expired {
-            update = update.bind(id.as_str());
-        }
-        Ok(update.execute(&self.pool).await?.rows_affected())
+        let ids: Vec<&str> = expired.iter().map(String::as_str).collect();
+        Ok(bind_in(update, &ids)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 
     /// Gives claims back unfinished (over a partner's cap, or at shutdown): the rows are due
@@ -281,16 +277,16 @@ impl Store {
             let sql = format!(
                 "UPDATE notification SET state = ?, lease_until = NULL, claim_token = NULL, \
                  updated_at = ? WHERE claim_token = ? AND id IN ({})",
-                placeholders(ids.len())
+                in_list(ids.len())
             );
-            let mut query = batch_query(&sql)
+            let query = sqlx::query(&sql)
                 .bind(state::PENDING)
                 .bind(now_ms)
                 .bind(token);
-            for id in ids {
-                query = query.bind(id);
-            }
-            released += query.execute(&mut *tx).await?.rows_affected();
+            released += bind_in(query, &ids)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         }
         tx.commit().await?;
         Ok(released)
@@ -314,28 +310,41 @@ fn by_claim<'a>(batch: &[&'a Finish]) -> Vec<Vec<&'a Finish>> {
     groups
 }
 
-/// Marks one claim's delivered rows in one statement; per-row values go through `CASE id`.
+/// Marks one claim's delivered rows in one statement; per-row values go through `CASE id`. The
+/// `CASE` and `IN` lists are padded to [`in_list_len`] by repeating the last row, so a few
+/// statement texts serve every batch size.
 async fn finish_delivered(tx: &mut Tx<'_>, group: &[&Finish]) -> anyhow::Result<u64> {
-    let cases = "WHEN ? THEN ? ".repeat(group.len());
+    let Some(last) = group.last() else {
+        return Ok(0);
+    };
+    let padded: Vec<&Finish> = group
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n(
+            *last,
+            in_list_len(group.len()) - group.len(),
+        ))
+        .collect();
+    let cases = "WHEN ? THEN ? ".repeat(padded.len());
     let sql = format!(
         "UPDATE notification SET state = ?, attempts = CASE id {cases}END, \
          delivered_at = CASE id {cases}END, updated_at = CASE id {cases}END, \
          last_error = NULL, lease_until = NULL, claim_token = NULL \
          WHERE claim_token = ? AND id IN ({})",
-        placeholders(group.len())
+        placeholders(padded.len())
     );
-    let mut query = batch_query(&sql).bind(state::DELIVERED);
-    for f in group {
+    let mut query = sqlx::query(&sql).bind(state::DELIVERED);
+    for f in &padded {
         query = query.bind(f.id.as_str()).bind(f.number);
     }
     // delivered_at, then updated_at: both the attempt's own finishing time.
     for _ in 0..2 {
-        for f in group {
+        for f in &padded {
             query = query.bind(f.id.as_str()).bind(f.finished_at_ms);
         }
     }
     query = query.bind(group[0].claim_token.as_str());
-    for f in group {
+    for f in &padded {
         query = query.bind(f.id.as_str());
     }
     Ok(query.execute(&mut **tx).await?.rows_affected())
@@ -403,16 +412,19 @@ struct ClaimSpec<'a> {
 }
 
 impl ClaimSpec<'_> {
-    /// `AND partner_id NOT IN (?, …)` when partners are excluded.
+    /// `AND partner_id NOT IN (?, …)` when partners are excluded (an [`in_list`]).
     fn exclusion(&self) -> String {
         if self.exclude.is_empty() {
             String::new()
         } else {
-            format!(
-                "AND partner_id NOT IN ({})",
-                placeholders(self.exclude.len())
-            )
+            format!("AND partner_id NOT IN ({})", in_list(self.exclude.len()))
         }
+    }
+
+    /// Binds the partners of [`ClaimSpec::exclusion`].
+    fn bind_exclusion<'q>(&'q self, query: AnyQuery<'q>) -> AnyQuery<'q> {
+        let partners: Vec<&str> = self.exclude.iter().map(String::as_str).collect();
+        bind_in(query, &partners)
     }
 }
 

@@ -14,7 +14,7 @@ use anyhow::Context;
 use sqlx::{AnyPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Store, batch_query, placeholders};
+use super::{Store, bind_in, in_list};
 
 /// Most ids in one query.
 const BATCH_MAX: usize = 256;
@@ -66,12 +66,13 @@ async fn run(pool: AnyPool, mut queue: mpsc::Receiver<Ask>) {
 async fn find(pool: &AnyPool, asks: &[Ask]) -> anyhow::Result<HashMap<String, (String, String)>> {
     let sql = format!(
         "SELECT request_id, id, content_hash FROM notification WHERE request_id IN ({})",
-        placeholders(asks.len())
+        in_list(asks.len())
     );
-    let mut query = batch_query(&sql);
-    for (request_id, _) in asks {
-        query = query.bind(request_id.as_str());
-    }
+    let ids: Vec<&str> = asks
+        .iter()
+        .map(|(request_id, _)| request_id.as_str())
+        .collect();
+    let query = bind_in(sqlx::query(&sql), &ids);
     let mut found = HashMap::with_capacity(asks.len());
     for row in query.fetch_all(pool).await? {
         found.insert(row.try_get(0)?, (row.try_get(1)?, row.try_get(2)?));

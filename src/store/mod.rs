@@ -176,12 +176,40 @@ pub fn is_transient(error: &anyhow::Error) -> bool {
     })
 }
 
-/// A statement whose text varies with its batch (one `?` per row or id): prepared for this
-/// execution only. Kept in the connection's statement cache, hundreds of near-identical
-/// multi-row statements, each with metadata for up to thousands of parameters, filled it while
-/// the server prepared most of them afresh anyway (docs/benchmarks.md).
-fn batch_query(sql: &str) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// A multi-row statement whose text varies with its batch (one row of `?` per notification):
+/// prepared for this execution only. Kept in the connection's statement cache, hundreds of
+/// such statements, each with metadata for up to thousands of parameters, grew the process by
+/// hundreds of MiB under sustained load (docs/benchmarks.md).
+fn batch_query(sql: &str) -> AnyQuery<'_> {
     sqlx::query(sql).persistent(false)
+}
+
+/// How many places an `IN (…)` list of `n` values is written with: the next power of two, so
+/// a handful of statement texts serve every batch size and stay prepared in the statement
+/// cache. The extra places repeat the last value, which changes nothing in an `IN` list.
+fn in_list_len(n: usize) -> usize {
+    n.max(1).next_power_of_two()
+}
+
+/// `?, ?, …` for an `IN` list of `n` values (see [`in_list_len`]); bind it with [`bind_in`].
+fn in_list(n: usize) -> String {
+    placeholders(in_list_len(n))
+}
+
+/// Binds the values of an `IN` list written with [`in_list`], then the last one again for each
+/// extra place.
+fn bind_in<'q>(mut query: AnyQuery<'q>, values: &[&'q str]) -> AnyQuery<'q> {
+    for value in values {
+        query = query.bind(*value);
+    }
+    if let Some(last) = values.last() {
+        for _ in values.len()..in_list_len(values.len()) {
+            query = query.bind(*last);
+        }
+    }
+    query
 }
 
 /// `?, ?, …` with `n` placeholders.
@@ -230,5 +258,17 @@ fn opt_text(row: &sqlx::any::AnyRow, column: &str) -> Result<Option<String>, sql
                 .map(|b| String::from_utf8(b).map_err(|e| sqlx::Error::Decode(Box::new(e))))
                 .transpose()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{in_list, in_list_len};
+
+    #[test]
+    fn in_lists_are_written_in_a_few_lengths() {
+        let lengths: Vec<usize> = [0, 1, 2, 3, 5, 200, 500, 1000].map(in_list_len).to_vec();
+        assert_eq!(lengths, [1, 1, 2, 4, 8, 256, 512, 1024]);
+        assert_eq!(in_list(3), "?, ?, ?, ?", "three values take four places");
     }
 }

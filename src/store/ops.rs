@@ -3,7 +3,7 @@
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Dialect, Store, batch_query, placeholders, state};
+use super::{Dialect, Store, bind_in, in_list, state};
 
 /// What a single replay did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,18 +98,19 @@ impl Store {
             "UPDATE notification SET state = ?, next_attempt_at = ?, retry_base = attempts, \
              last_error = NULL, delivered_at = NULL, updated_at = ? \
              WHERE state IN (?, ?) AND id IN ({})",
-            placeholders(ids.len())
+            in_list(ids.len())
         );
-        let mut query = batch_query(&sql)
+        let query = sqlx::query(&sql)
             .bind(state::PENDING)
             .bind(due_ms)
             .bind(due_ms)
             .bind(state::DEAD)
             .bind(state::DELIVERED);
-        for id in ids {
-            query = query.bind(id.as_str());
-        }
-        Ok(query.execute(&self.pool).await?.rows_affected())
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        Ok(bind_in(query, &ids)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 
     /// Deletes up to `batch` delivered or dead notifications last changed before `cutoff_ms`,
@@ -130,25 +131,24 @@ impl Store {
         if ids.is_empty() {
             return Ok(0);
         }
-        let marks = placeholders(ids.len());
+        let marks = in_list(ids.len());
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         let mut tx = self.pool.begin().await?;
         let attempts_sql = format!("DELETE FROM attempt WHERE notification_id IN ({marks})");
-        let mut query = sqlx::query(&attempts_sql);
-        for id in &ids {
-            query = query.bind(id.as_str());
-        }
-        query.execute(&mut *tx).await?;
+        bind_in(sqlx::query(&attempts_sql), &ids)
+            .execute(&mut *tx)
+            .await?;
         let rows_sql = format!(
             "DELETE FROM notification WHERE state IN (?, ?) AND updated_at < ? AND id IN ({marks})"
         );
-        let mut query = sqlx::query(&rows_sql)
+        let query = sqlx::query(&rows_sql)
             .bind(state::DELIVERED)
             .bind(state::DEAD)
             .bind(cutoff_ms);
-        for id in &ids {
-            query = query.bind(id.as_str());
-        }
-        let deleted = query.execute(&mut *tx).await?.rows_affected();
+        let deleted = bind_in(query, &ids)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         sqlx::query("DELETE FROM conflict WHERE received_at < ?")
             .bind(cutoff_ms)
             .execute(&mut *tx)
