@@ -27,6 +27,7 @@ pub(super) async fn throughput(args: &BenchArgs) -> anyhow::Result<String> {
         false => Some(ceiling(&sink, &spec).await?),
     };
     sink.set(args.receiver);
+    report::reset_peak_memory();
     let gateway = Gateway::start(&args.backend(), &args.tuning(), &spec.run_id).await?;
     let measured = through_gateway(&sink, &spec, &gateway, args).await;
     let memory = report::memory();
