@@ -313,9 +313,11 @@ const CLAIM_WAIT_LIMIT_MAX_MS: u64 = 1_000;
 
 impl Config {
     /// How long a row claimed beyond its partner's room may wait in the dispatcher for a slot:
-    /// half the lease left after the slowest possible POST (connect timeout plus the longest
-    /// request timeout of any partner), at most one second. A row that starts within this
-    /// still has a lease longer than its attempt, so no other dispatcher can take it mid-POST.
+    /// half the lease left after the slowest POST to one endpoint (connect timeout plus the
+    /// longest request timeout of any partner), at most one second. A row that starts within
+    /// this still has a lease longer than a POST to its first endpoint. (An attempt that fails
+    /// over through several slow endpoints can outlast the lease with or without this wait: the
+    /// `dispatch.lease_secs` rule covers one endpoint.)
     pub fn claim_wait_limit_ms(&self) -> i64 {
         let slowest_request = std::iter::once(self.outbound.request_timeout_ms)
             .chain(std::iter::once(self.partner_defaults.request_timeout_ms))

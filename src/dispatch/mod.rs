@@ -61,6 +61,8 @@ struct ExcludingClaims {
     poll_ms: i64,
     pause_ms: i64,
     until_ms: i64,
+    /// The partners left out by the claim that found nothing (sorted).
+    excluded: Vec<String>,
 }
 
 impl ExcludingClaims {
@@ -71,14 +73,22 @@ impl ExcludingClaims {
             poll_ms: i64::try_from(poll_interval_ms).unwrap_or(Self::MAX_PAUSE_MS),
             pause_ms: 0,
             until_ms: 0,
+            excluded: Vec::new(),
         }
     }
 
-    fn skip(&self, now_ms: i64) -> bool {
+    /// Whether a claim leaving out `exclude` (sorted) should wait: only while paused and while
+    /// every partner left out by the empty claim is still left out. A partner that got room
+    /// back may have due rows, so its return ends the pause.
+    fn skip(&self, now_ms: i64, exclude: &[String]) -> bool {
         now_ms < self.until_ms
+            && self
+                .excluded
+                .iter()
+                .all(|p| exclude.binary_search(p).is_ok())
     }
 
-    fn record(&mut self, found_nothing: bool, now_ms: i64) {
+    fn record(&mut self, found_nothing: bool, now_ms: i64, exclude: &[String]) {
         if !found_nothing {
             self.reset();
             return;
@@ -86,11 +96,13 @@ impl ExcludingClaims {
         self.pause_ms =
             (self.pause_ms * 2).clamp(self.poll_ms.min(Self::MAX_PAUSE_MS), Self::MAX_PAUSE_MS);
         self.until_ms = now_ms + self.pause_ms;
+        self.excluded = exclude.to_vec();
     }
 
     fn reset(&mut self) {
         self.pause_ms = 0;
         self.until_ms = 0;
+        self.excluded.clear();
     }
 }
 
@@ -112,11 +124,13 @@ impl Dispatcher {
         let written = Arc::new(Notify::new());
         // Set while the finisher holds outcomes it could not write; the reaper waits meanwhile.
         let unwritten = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Outcomes handed to the finisher so far (counted before the send).
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let finisher = tokio::spawn(run_finisher(
             self.store.clone(),
             self.metrics.clone(),
             finish_rx,
-            (written.clone(), unwritten.clone()),
+            (written.clone(), unwritten.clone(), sent.clone()),
             shutdown.clone(),
         ));
         let reaper = tokio::spawn(run_reaper(
@@ -140,7 +154,6 @@ impl Dispatcher {
         // next one at once; a fresh claim then waits for new rows, a written batch of outcomes
         // or the poll interval, so freed slots do not turn into a stream of empty claims.
         let slot_freed = Arc::new(Notify::new());
-        let someone_waits = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut claim_fresh = true;
         let mut skipping = ExcludingClaims::new(this.config.poll_interval_ms);
         while !shutdown.is_cancelled() {
@@ -180,13 +193,13 @@ impl Dispatcher {
                     .expect("held claims lock")
                     .insert(c.id.clone(), c.claim_token.clone());
                 let (this, tx, held) = (this.clone(), finish_tx.clone(), held.clone());
-                let (slot_freed, someone_waits) = (slot_freed.clone(), someone_waits.clone());
+                let (slot_freed, sent) = (slot_freed.clone(), sent.clone());
                 tasks.spawn(async move {
                     let id = c.id.clone();
                     let finish = this.attempt(c).await;
-                    if someone_waits.load(std::sync::atomic::Ordering::Relaxed) {
-                        slot_freed.notify_one();
-                    }
+                    // Heeded only while rows wait (see the select below).
+                    slot_freed.notify_one();
+                    sent.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     if tx.send(finish).await.is_err() {
                         warn!(notification_id = %id, "finisher gone; the lease will be reaped");
                     }
@@ -194,7 +207,6 @@ impl Dispatcher {
                     drop(permit);
                 });
             }
-            someone_waits.store(!waiting.is_empty(), std::sync::atomic::Ordering::Relaxed);
             claim_fresh = true;
             if got < want {
                 let idle = Duration::from_millis(this.config.poll_interval_ms);
@@ -207,11 +219,18 @@ impl Dispatcher {
                 }
             }
         }
-        held.lock().expect("held claims lock").extend(
-            waiting
-                .into_iter()
-                .map(|w| (w.claimed.id, w.claimed.claim_token)),
-        );
+        // Rows that were waiting for a slot go back first, so other dispatchers can take them
+        // while this one drains; if that fails they are released with what the drain leaves.
+        let waited: Vec<(String, String)> = waiting
+            .into_iter()
+            .map(|w| (w.claimed.id, w.claimed.claim_token))
+            .collect();
+        if !waited.is_empty()
+            && let Err(e) = this.store.release(&waited, now_ms()).await
+        {
+            debug!(error = %e, "could not release waiting rows yet; retrying after the drain");
+            held.lock().expect("held claims lock").extend(waited);
+        }
         this.drain(tasks, &held).await;
         drop(finish_tx);
         finisher.await?;
@@ -287,15 +306,19 @@ impl Dispatcher {
         let lease_ms = i64::try_from(self.config.lease_secs * 1000)?;
         let exclude = self.partners.excluded(now);
         let mut claimed = Vec::new();
-        if exclude.is_empty() || !skipping.skip(now) {
+        if exclude.is_empty() || !skipping.skip(now, &exclude) {
             claimed = self.store.claim(now, want, lease_ms, &exclude).await?;
             if !exclude.is_empty() {
-                skipping.record(claimed.is_empty(), now);
+                skipping.record(claimed.is_empty(), now, &exclude);
             }
         }
+        // A head that cannot be claimed now is tried on the next round; the rows claimed above
+        // are leased already and must not be dropped with an error.
         for partner in self.partners.fifo_ready(now) {
-            if let Some(head) = self.store.claim_fifo_head(&partner, now, lease_ms).await? {
-                claimed.push(head);
+            match self.store.claim_fifo_head(&partner, now, lease_ms).await {
+                Ok(Some(head)) => claimed.push(head),
+                Ok(None) => {}
+                Err(e) => debug!(partner_id = %partner, error = %e, "FIFO head not claimed now"),
             }
         }
         Ok(claimed)
@@ -438,14 +461,23 @@ fn outcome(retry: &RetryConfig, verdict: &Verdict, counted: i64, now: i64) -> Ou
 ///
 /// While a batch cannot be written, `unwritten` is set so this process's reaper does not return
 /// those rows' leases (which expire during a long database outage) before their outcomes land:
-/// that would POST delivered notifications again once the database is back.
+/// that would POST delivered notifications again once the database is back. It stays set
+/// until every outcome sent before the database answered again is written (`sent` counts what
+/// the attempt tasks handed over, including those still blocked on the full channel).
 async fn run_finisher(
     store: Store,
     metrics: Arc<Metrics>,
     mut rx: mpsc::Receiver<Finish>,
-    (wake, unwritten): (Arc<Notify>, Arc<std::sync::atomic::AtomicBool>),
+    (wake, unwritten, sent): (
+        Arc<Notify>,
+        Arc<std::sync::atomic::AtomicBool>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ),
     shutdown: CancellationToken,
 ) {
+    use std::sync::atomic::Ordering;
+    let mut written_total: u64 = 0;
+    let mut catch_up_to: Option<u64> = None;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < FINISH_BATCH_MAX {
@@ -462,7 +494,8 @@ async fn run_finisher(
                 continue;
             }
             metrics.database_error("finish");
-            unwritten.store(true, std::sync::atomic::Ordering::Release);
+            unwritten.store(true, Ordering::Release);
+            catch_up_to = None;
             if shutdown.is_cancelled() && failures >= 5 {
                 error!(error = %e, lost = batch.len(), "giving up writing outcomes at shutdown; \
                        those notifications will be attempted again after their leases expire");
@@ -471,7 +504,14 @@ async fn run_finisher(
             error!(error = %e, "writing attempt outcomes failed; retrying");
             tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(10)))).await;
         }
-        unwritten.store(false, std::sync::atomic::Ordering::Release);
+        written_total += batch.len() as u64;
+        if unwritten.load(Ordering::Acquire) {
+            let target = *catch_up_to.get_or_insert_with(|| sent.load(Ordering::Acquire));
+            if written_total >= target {
+                unwritten.store(false, Ordering::Release);
+                catch_up_to = None;
+            }
+        }
         wake.notify_one();
     }
 }
@@ -561,26 +601,42 @@ mod tests {
 
     #[test]
     fn empty_excluding_claims_back_off_up_to_a_second_and_new_rows_end_the_pause() {
+        let capped = ["capped".to_string()];
+        let more = ["capped".to_string(), "other".to_string()];
         let mut pause = ExcludingClaims::new(20);
-        assert!(!pause.skip(0), "the first claim runs");
-        pause.record(true, 0);
+        assert!(!pause.skip(0, &capped), "the first claim runs");
+        pause.record(true, 0, &capped);
         assert!(
-            pause.skip(19),
+            pause.skip(19, &capped),
             "an empty one pauses the next for the poll interval"
         );
-        assert!(!pause.skip(20));
+        assert!(
+            pause.skip(19, &more),
+            "leaving out more partners cannot find more rows"
+        );
+        assert!(
+            !pause.skip(19, &[]),
+            "a partner that got room back ends the pause"
+        );
+        assert!(!pause.skip(20, &capped));
         for _ in 0..10 {
-            pause.record(true, 1_000);
+            pause.record(true, 1_000, &capped);
         }
         assert!(
-            pause.skip(1_999),
+            pause.skip(1_999, &capped),
             "repeated empty claims pause up to a second"
         );
-        assert!(!pause.skip(2_000), "but never longer");
+        assert!(!pause.skip(2_000, &capped), "but never longer");
         pause.reset();
-        assert!(!pause.skip(1_000), "new rows from the intake end the pause");
-        pause.record(true, 1_000);
-        pause.record(false, 1_001);
-        assert!(!pause.skip(1_002), "a claim that found rows ends it too");
+        assert!(
+            !pause.skip(1_000, &capped),
+            "new rows from the intake end the pause"
+        );
+        pause.record(true, 1_000, &capped);
+        pause.record(false, 1_001, &capped);
+        assert!(
+            !pause.skip(1_002, &capped),
+            "a claim that found rows ends it too"
+        );
     }
 }

@@ -171,8 +171,9 @@ impl Plugins {
     }
 
     /// An inline slot, if the runtime is multi-threaded and fewer than all but one of its
-    /// workers are inside a plugin call: a slow plugin (up to its deadline) then never stalls
-    /// the API or the intake.
+    /// workers are inside a plugin call: a slow plugin (up to its deadline) then leaves a worker
+    /// for the API and the intake. A task parked on the calling worker waits for the call
+    /// (at most the plugin's deadline) before another worker picks it up.
     fn inline_slot(&self) -> Option<InlineSlot> {
         let handle = Handle::current();
         if handle.runtime_flavor() != RuntimeFlavor::MultiThread {
