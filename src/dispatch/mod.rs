@@ -106,6 +106,17 @@ impl ExcludingClaims {
     }
 }
 
+/// What the attempt tasks, the finisher and the reaper share about outcomes.
+#[derive(Default)]
+struct Outcomes {
+    /// Nudged by the finisher after each written batch.
+    written: Notify,
+    /// Set while the finisher holds outcomes it could not write; the reaper waits meanwhile.
+    unwritten: std::sync::atomic::AtomicBool,
+    /// Outcomes handed to the finisher so far (counted before the send).
+    sent: std::sync::atomic::AtomicU64,
+}
+
 /// A row claimed beyond its partner's room, leased to this process until a slot frees.
 struct Waiting {
     claimed: Claimed,
@@ -120,24 +131,20 @@ impl Dispatcher {
     /// whatever is still held.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let (finish_tx, finish_rx) = mpsc::channel::<Finish>(4 * FINISH_BATCH_MAX);
-        // Nudged by the finisher after each written batch of outcomes.
-        let written = Arc::new(Notify::new());
-        // Set while the finisher holds outcomes it could not write; the reaper waits meanwhile.
-        let unwritten = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // Outcomes handed to the finisher so far (counted before the send).
-        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let outcomes = Arc::new(Outcomes::default());
         let finisher = tokio::spawn(run_finisher(
             self.store.clone(),
             self.metrics.clone(),
             finish_rx,
-            (written.clone(), unwritten.clone(), sent.clone()),
+            outcomes.clone(),
             shutdown.clone(),
         ));
         let reaper = tokio::spawn(run_reaper(
             self.store.clone(),
             self.metrics.clone(),
-            (self.config.clone(), self.retention.clone()),
-            unwritten,
+            self.config.clone(),
+            self.retention.clone(),
+            outcomes.clone(),
             shutdown.clone(),
         ));
         let held: Held = Arc::default();
@@ -193,13 +200,15 @@ impl Dispatcher {
                     .expect("held claims lock")
                     .insert(c.id.clone(), c.claim_token.clone());
                 let (this, tx, held) = (this.clone(), finish_tx.clone(), held.clone());
-                let (slot_freed, sent) = (slot_freed.clone(), sent.clone());
+                let (slot_freed, outcomes) = (slot_freed.clone(), outcomes.clone());
                 tasks.spawn(async move {
                     let id = c.id.clone();
                     let finish = this.attempt(c).await;
                     // Heeded only while rows wait (see the select below).
                     slot_freed.notify_one();
-                    sent.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    outcomes
+                        .sent
+                        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     if tx.send(finish).await.is_err() {
                         warn!(notification_id = %id, "finisher gone; the lease will be reaped");
                     }
@@ -213,7 +222,7 @@ impl Dispatcher {
                 tokio::select! {
                     () = tokio::time::sleep(idle) => {}
                     () = this.wake.notified() => skipping.reset(),
-                    () = written.notified() => {}
+                    () = outcomes.written.notified() => {}
                     () = slot_freed.notified(), if !waiting.is_empty() => claim_fresh = false,
                     () = shutdown.cancelled() => {}
                 }
@@ -468,13 +477,14 @@ async fn run_finisher(
     store: Store,
     metrics: Arc<Metrics>,
     mut rx: mpsc::Receiver<Finish>,
-    (wake, unwritten, sent): (
-        Arc<Notify>,
-        Arc<std::sync::atomic::AtomicBool>,
-        Arc<std::sync::atomic::AtomicU64>,
-    ),
+    outcomes: Arc<Outcomes>,
     shutdown: CancellationToken,
 ) {
+    let Outcomes {
+        written,
+        unwritten,
+        sent,
+    } = &*outcomes;
     use std::sync::atomic::Ordering;
     let mut written_total: u64 = 0;
     let mut catch_up_to: Option<u64> = None;
@@ -512,7 +522,7 @@ async fn run_finisher(
                 catch_up_to = None;
             }
         }
-        wake.notify_one();
+        written.notify_one();
     }
 }
 
@@ -521,15 +531,19 @@ async fn run_finisher(
 async fn run_reaper(
     store: Store,
     metrics: Arc<Metrics>,
-    (config, retention): (DispatchConfig, RetentionConfig),
-    unwritten: Arc<std::sync::atomic::AtomicBool>,
+    config: DispatchConfig,
+    retention: RetentionConfig,
+    outcomes: Arc<Outcomes>,
     shutdown: CancellationToken,
 ) {
     let period = Duration::from_millis(config.reap_interval_ms);
     let purge_every_ms = i64::try_from(retention.purge_interval_secs * 1000).unwrap_or(i64::MAX);
     let mut last_purge_ms = 0;
     while !shutdown.is_cancelled() {
-        if unwritten.load(std::sync::atomic::Ordering::Acquire) {
+        if outcomes
+            .unwritten
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             debug!("outcomes not yet written; reaping waits");
             sleep_or_cancel(period, &shutdown).await;
             continue;

@@ -15,13 +15,12 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
-use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::config::{Limits, PluginManifest, PluginsConfig};
 use super::host::Capabilities;
 use super::keys::KeyRing;
-use super::runtime::{Clock, Prepared, Runtime};
+use super::runtime::{Clock, Digest, Prepared, Runtime};
 use super::{OutboundRequest, PluginError, Transformed, validate};
 
 /// Counters of plugin loading since start, for metrics.
@@ -264,7 +263,7 @@ impl Registry {
         });
         let prepared = self.runtime.prepare(wasm)?;
         let loaded = Loaded {
-            version: version_of(wasm),
+            version: version_of(&prepared.digest),
             prepared,
             capabilities,
             limits,
@@ -313,9 +312,8 @@ fn read_manifest(path: &Path) -> anyhow::Result<PluginManifest> {
     }
 }
 
-/// The first 16 hex digits of the SHA-256 of the plugin file.
-pub(crate) fn version_of(wasm: &[u8]) -> String {
-    let digest = Sha256::digest(wasm);
+/// The first 16 hex digits of the plugin file's SHA-256 (computed once, when it is prepared).
+fn version_of(digest: &Digest) -> String {
     hex::encode(&digest[..8])
 }
 
